@@ -1,0 +1,85 @@
+"""A small learnable dataset in the ImageNet folder layout: textures drawn procedurally, saved as .JPEG files
+of varied sizes and aspect ratios, written once and deterministically into a cache folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# WordNet-style ids (n + 8 digits) in a range no real synset uses, so demo labels are never mistaken for ImageNet's.
+DEMO_CLASSES = {
+    "n90000001": "horizontal stripes",
+    "n90000002": "vertical stripes",
+    "n90000003": "diagonal stripes",
+    "n90000004": "grid",
+    "n90000005": "polka dots",
+    "n90000006": "concentric rings",
+}
+
+
+def _draw(kind: str, rng: np.random.Generator) -> np.ndarray:
+    h, w = int(rng.integers(96, 193)), int(rng.integers(96, 257))
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    period = rng.uniform(10, 26)
+    phase = rng.uniform(0, 2 * np.pi)
+    tilt = np.deg2rad(rng.uniform(-12, 12))
+    if kind == "horizontal stripes":
+        field = np.sin(2 * np.pi * (y * np.cos(tilt) + x * np.sin(tilt)) / period + phase)
+    elif kind == "vertical stripes":
+        field = np.sin(2 * np.pi * (x * np.cos(tilt) - y * np.sin(tilt)) / period + phase)
+    elif kind == "diagonal stripes":
+        angle = np.deg2rad(rng.choice([45.0, 135.0]) + rng.uniform(-10, 10))
+        field = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period + phase)
+    elif kind == "grid":
+        lines = np.minimum(np.abs(np.sin(np.pi * x / period + phase)), np.abs(np.sin(np.pi * y / period + phase)))
+        field = np.where(lines < 0.3, 1.0, -1.0)
+    elif kind == "polka dots":
+        cy, cx = (y + rng.uniform(0, period)) % period, (x + rng.uniform(0, period)) % period
+        radius = np.hypot(cy - period / 2, cx - period / 2)
+        field = np.where(radius < period * rng.uniform(0.2, 0.35), 1.0, -1.0)
+    elif kind == "concentric rings":
+        radius = np.hypot(y - rng.uniform(0.2, 0.8) * h, x - rng.uniform(0.2, 0.8) * w)
+        field = np.sin(2 * np.pi * radius / period + phase)
+    else:
+        raise ValueError(kind)
+    fg, bg = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    while np.abs(fg - bg).sum() < 150:  # keep the pattern visible
+        bg = rng.uniform(0, 255, 3)
+    mix = (field[..., None] > 0).astype(np.float32)
+    image = mix * fg + (1 - mix) * bg + rng.normal(0, 12, (h, w, 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_demo_dataset(dst: str | Path, train_per_class: int = 160, val_per_class: int = 40, seed: int = 0) -> Path:
+    """Write the demo dataset into `dst` (once: an existing complete copy with the same spec is kept).
+
+    Args:
+        dst: folder to hold `train/` and `val/`.
+        train_per_class: training images per class.
+        val_per_class: validation images per class.
+        seed: seed of the drawing; the same spec gives the same bytes.
+    """
+    dst = Path(dst)
+    spec = {"classes": DEMO_CLASSES, "train_per_class": train_per_class, "val_per_class": val_per_class, "seed": seed}
+    marker = dst / "demo_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return dst
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, count, offset in (("train", train_per_class, 0), ("val", val_per_class, 1_000_000)):
+        for c, (wnid, kind) in enumerate(DEMO_CLASSES.items()):
+            folder = tmp / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(count):
+                rng = np.random.default_rng([seed, c, offset + i])
+                name = f"{wnid}_{i + 1}.JPEG" if split == "train" else f"ILSVRC2012_val_{c * count + i + 1:08d}.JPEG"
+                Image.fromarray(_draw(kind, rng)).save(folder / name, "JPEG", quality=90)
+    (tmp / "synsets.txt").write_text("".join(f"{w} {n}\n" for w, n in DEMO_CLASSES.items()))
+    (tmp / "demo_spec.json").write_text(json.dumps(spec))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)  # appear complete or not at all
+    return dst

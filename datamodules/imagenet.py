@@ -1,0 +1,163 @@
+"""ImageNet-folder DataModule: global batch split over ranks, each validation image counted exactly once."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Iterator, Literal, Optional
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from datamodules.folder import DatasetLayoutError, ImageFolderDataset, find_classes, scan_split
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, train_transform, val_transform
+
+log = logging.getLogger(__name__)
+
+
+class EvalShardBatchSampler(Sampler[list[int]]):
+    """Batches of this rank's strided shard (rank, rank + world, ...): no index padded or repeated, and the
+    same number of batches on every rank: a DDP forward syncs buffers, so one extra batch on one rank hangs."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.indices = np.arange(rank, num_samples, world_size)
+        self.num_batches = math.ceil(math.ceil(num_samples / world_size) / batch_size)
+        if len(self.indices) < self.num_batches:
+            raise ValueError(f"{num_samples} validation images cannot fill {self.num_batches} batches on each of {world_size} ranks")
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for chunk in np.array_split(self.indices, self.num_batches):
+            yield chunk.tolist()
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
+class ImageNetDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        batch_size: int = 256,
+        num_workers: Optional[int] = None,
+        crop_size: int = 224,
+        val_resize_size: int = 256,
+        train_augmentation: Literal["random_resized_crop", "scale_jitter"] = "random_resized_crop",
+        random_resized_crop_scale: tuple[float, float] = (0.08, 1.0),
+        scale_jitter_range: tuple[int, int] = (256, 480),
+        hflip: bool = True,
+        lighting_std: float = 0.0,
+        max_corrupt_train_images: int = 16,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            root: folder holding `train/<wnid>/*.JPEG` and `val/<wnid>/*.JPEG`.
+            batch_size: global batch (all ranks together); each rank loads batch_size / world_size.
+            num_workers: loader processes per rank; None = the CPUs this process may use, at most 8.
+            crop_size: side of the square training and validation crops.
+            val_resize_size: validation shorter side before the centre crop (256 for 224 crops).
+            train_augmentation: `random_resized_crop` (torchvision) or `scale_jitter` (He et al. 2015).
+            random_resized_crop_scale: area fraction range of RandomResizedCrop.
+            scale_jitter_range: shorter-side range of `scale_jitter` ([256, 480] in the paper).
+            hflip: random horizontal flip of training crops.
+            lighting_std: AlexNet PCA lighting noise std (0.1 in the paper; 0 = off).
+            max_corrupt_train_images: undecodable training images skipped (with a warning naming each) per
+                loader worker before the run stops; validation never skips one.
+            pin_memory: page-locked host batches for faster copies to the GPU.
+            seed: seed of the training shuffle (same on every rank, reshuffled each epoch).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.classes: list[str] = []
+        self.train_set: Optional[ImageFolderDataset] = None
+        self.val_set: Optional[ImageFolderDataset] = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    @property
+    def per_device_batch_size(self) -> int:
+        _, world = self._world()
+        if self.batch_size % world:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the global batch and must divide by the world size "
+                f"{world} (trainer.num_nodes x trainer.devices); e.g. use {self.batch_size // world * world}"
+            )
+        return self.batch_size // world
+
+    def setup(self, stage: str) -> None:
+        _, world = self._world()
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if world > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "trainer.use_distributed_sampler must be false: ImageNetDataModule shards the data itself "
+                "(Lightning's DistributedSampler pads validation with duplicate images)"
+            )
+        self.per_device_batch_size  # fail early on a batch that does not divide
+        train_dir, val_dir = self.root / "train", self.root / "val"
+        if stage == "fit" or train_dir.is_dir():
+            self.classes = find_classes(train_dir)
+        else:  # evaluation-only machines may hold val/ alone: its folders define the labels
+            log.info("%s absent: class indices taken from the sorted folders of %s", train_dir, val_dir)
+            self.classes = find_classes(val_dir)
+        class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        hp = self.hparams
+        if stage == "fit":
+            self.train_set = ImageFolderDataset(
+                scan_split(train_dir, class_to_idx),
+                train_transform(
+                    crop_size=hp.crop_size,
+                    scale=tuple(hp.random_resized_crop_scale),
+                    scale_jitter=tuple(hp.scale_jitter_range) if hp.train_augmentation == "scale_jitter" else None,
+                    hflip=hp.hflip,
+                    lighting_std=hp.lighting_std,
+                ),
+                max_corrupt=hp.max_corrupt_train_images,
+            )
+        if stage in ("fit", "validate"):
+            self.val_set = ImageFolderDataset(
+                scan_split(val_dir, class_to_idx),
+                val_transform(crop_size=hp.crop_size, resize_size=hp.val_resize_size),
+            )
+
+    def _loader(self, dataset: ImageFolderDataset, **kwargs) -> DataLoader:
+        workers = self.hparams.num_workers
+        if workers is None:
+            workers = min(8, len(os.sched_getaffinity(0)))
+        return DataLoader(
+            dataset,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        # Our own DistributedSampler (also on one rank): same shuffle for any world size; Lightning calls set_epoch.
+        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
+        return self._loader(self.train_set, sampler=sampler, batch_size=self.per_device_batch_size, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._world()
+        batches = EvalShardBatchSampler(len(self.val_set), self.per_device_batch_size, rank, world)
+        return self._loader(self.val_set, batch_sampler=batches)
+
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
+        images, labels = batch
+        return normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD), labels.long()
+
+
+__all__ = ["ImageNetDataModule", "EvalShardBatchSampler", "DatasetLayoutError"]

@@ -1,0 +1,1 @@
+"""ResNet ImageNet training service: model, command line, callbacks."""

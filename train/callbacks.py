@@ -1,0 +1,136 @@
+"""Callbacks the command line adds to every run: config and commit in checkpoints, images/s, the report."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
+from rich.console import Console
+from rich.syntax import Syntax
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parent.parent
+REPORT_KEYS = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
+
+
+def git_commit() -> str:
+    """HEAD of the checkout this code runs from, `+dirty` when it has uncommitted changes; `unknown` outside git."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
+        commit = run("rev-parse", "HEAD").stdout.strip()
+        return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class SaveConfigAndCommit(SaveConfigCallback):
+    """Prints the resolved config at start, writes it to the run's log folder, and stores it with the git commit
+    inside every checkpoint (`checkpoint["config"]`, `checkpoint["git_commit"]`)."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not self.already_saved and trainer.is_global_zero:
+            Console(stderr=True).print(Syntax(self._yaml(), "yaml", theme="ansi_dark"))
+        super().setup(trainer, pl_module, stage)
+
+    def _yaml(self) -> str:
+        return self.parser.dump(self.config, skip_none=False)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["config"] = self._yaml()
+        checkpoint["git_commit"] = git_commit()
+
+
+class ImagesPerSecond(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting images: logs `train/samples_per_sec` (global, all ranks)."""
+
+    def __init__(self, window_size: int = 50):
+        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), window_size=window_size)
+
+
+class TrainingReport(Callback):
+    """Keeps one row per epoch (epoch, lr, wall time, losses, accuracies; kept across resumes) and at the end of
+    fit writes `history.csv` and `curves.png` into the run's log folder and prints the table."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+        self._t0, self._lr = 0.0, 0.0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]  # the lr of the epoch's first step
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "epoch_s": time.perf_counter() - self._t0}
+        row["lr"] = self._lr
+        for key in REPORT_KEYS:
+            value = m.get(f"{key}_epoch", m.get(key))
+            if value is not None:
+                row[key] = float(value)
+        self.history.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.history:
+            return
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        keys = list(dict.fromkeys(k for row in self.history for k in row))
+        with open(out / "history.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(self.history)
+        plot_curves(self.history, out / "curves.png")
+        print_history(self.history, out)
+
+
+def plot_curves(history: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] + 1 for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (("loss", ("train/loss", "val/loss")), ("accuracy (%)", ("train/acc1", "val/acc1", "val/acc5")), ("lr", ("lr",)))
+    for ax, (title, keys) in zip(axes, panels):
+        for key in keys:
+            points = [(e, r[key] * (100 if "acc" in key else 1)) for e, r in zip(epochs, history) if key in r]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_history(history: list[dict[str, float]], out: Path) -> None:
+    table = Table(title=f"Training history ({out})")
+    for column in ("epoch", "lr", *REPORT_KEYS, "epoch time"):
+        table.add_column(column, justify="right")
+    fmt = lambda r, k: (f"{100 * r[k]:.2f}%" if "acc" in k else f"{r[k]:.4f}") if k in r else "-"
+    for r in history:
+        table.add_row(str(r["epoch"] + 1), f"{r['lr']:.4g}", *(fmt(r, k) for k in REPORT_KEYS), f"{r['epoch_s']:.1f}s")
+    Console().print(table)
+    best = max(history, key=lambda r: r.get("val/acc1", -1))
+    if "val/acc1" in best:
+        Console().print(
+            f"best val/acc1 {100 * best['val/acc1']:.2f}% (top-1 err {100 * (1 - best['val/acc1']):.2f}%) at epoch "
+            f"{best['epoch'] + 1}; curves: {out / 'curves.png'}"
+        )

@@ -1,0 +1,154 @@
+"""The LightningModule: a torchvision ResNet with its loss, metrics and optimizer."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+from typing import Literal, Optional
+
+import lightning.pytorch as pl
+import torch
+import torchvision
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from train.optim import lr_factor, param_groups, scaled_lr
+
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+def build_resnet(arch: Arch, num_classes: int = 1000, zero_init_residual: bool = False) -> nn.Module:
+    """torchvision's ResNet (v1.5: stride 2 on the bottleneck's 3x3), randomly initialised."""
+    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+
+
+def load_state_dict_file(net: nn.Module, path: str) -> None:
+    """Load a torchvision-format state dict (`conv1.weight`, ..., `fc.bias`) from a file, strictly."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.pretrained: {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    shapes = [k for k, v in state.items() if k in net.state_dict() and net.state_dict()[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{path}: not a state dict of this model; missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+class ImageNetClassifier(pl.LightningModule):
+    # FLOPs are not counted: Lightning's ThroughputMonitor then logs images/s only.
+    flops_per_batch = None
+
+    def __init__(
+        self,
+        arch: Arch = "resnet50",
+        num_classes: int = 1000,
+        zero_init_residual: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
+        pretrained: Optional[str] = None,
+        label_smoothing: float = 0.0,
+        lr_per_256: float = 0.1,
+        batch_size: int = 256,
+        momentum: float = 0.9,
+        nesterov: bool = False,
+        weight_decay: float = 1e-4,
+        lr_schedule: Literal["step", "cosine"] = "step",
+        lr_milestones: tuple[float, ...] = (30, 60, 80),
+        lr_gamma: float = 0.1,
+        warmup_epochs: float = 0.0,
+    ):
+        """
+        Args:
+            arch: torchvision ResNet depth.
+            num_classes: output classes (1000 for ImageNet-1k).
+            zero_init_residual: start the last BatchNorm of each residual block at 0 (Goyal et al. 2017).
+            channels_last: NHWC memory format (faster convolutions with tensor cores).
+            compile: torch.compile the network.
+            pretrained: file with a torchvision-format state dict to start from.
+            label_smoothing: cross-entropy label smoothing (0.1 in recent recipes, 0 in the paper).
+            lr_per_256: learning rate for a global batch of 256, scaled linearly to `batch_size`.
+            batch_size: global batch; linked from `data.batch_size` by the command line.
+            momentum: SGD momentum.
+            nesterov: Nesterov momentum.
+            weight_decay: L2 penalty on conv and linear weights (not on BatchNorm parameters or biases).
+            lr_schedule: `step` (x lr_gamma at each of lr_milestones) or `cosine` (to 0 at the last step).
+            lr_milestones: epochs at which the step schedule multiplies the lr by lr_gamma.
+            lr_gamma: step schedule factor.
+            warmup_epochs: linear lr warmup length in epochs (5 for large batches, Goyal et al.).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = build_resnet(arch, num_classes, zero_init_residual)
+        if pretrained:
+            load_state_dict_file(self.net, pretrained)
+        if channels_last:  # before DDP wraps the model
+            self.net.to(memory_format=torch.channels_last)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.val_images = SumMetric()  # proves each validation image was counted exactly once
+
+    def configure_model(self) -> None:
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            self.net.compile()  # in place: state-dict keys stay those of the plain model
+            self._compiled = True
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self.trainer is not None else None
+        classes = getattr(datamodule, "num_classes", None)
+        if classes and classes != self.hparams.num_classes:
+            raise ValueError(f"model.num_classes={self.hparams.num_classes} but the data has {classes} classes")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.criterion(logits, labels)
+        # Step values are this rank's batch; epoch values are reduced over all ranks by torchmetrics.
+        self.train_loss(loss.detach(), weight=labels.numel())
+        self.train_acc1(logits.detach(), labels)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.val_loss(self.criterion(logits, labels), weight=labels.numel())
+        self.val_acc1(logits, labels)
+        self.val_acc5(logits, labels)
+        self.val_images(labels.numel())
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
+        self.log("val/acc1", self.val_acc1, on_epoch=True, prog_bar=True)
+        self.log("val/acc5", self.val_acc5, on_epoch=True)
+        self.log("val/images", self.val_images, on_epoch=True)
+
+    def configure_optimizers(self):
+        h = self.hparams
+        optimizer = torch.optim.SGD(
+            param_groups(self.net, h.weight_decay),
+            lr=scaled_lr(h.lr_per_256, h.batch_size),
+            momentum=h.momentum,
+            nesterov=h.nesterov,
+        )
+        total_steps = self.trainer.estimated_stepping_batches  # also sets num_training_batches
+        steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        factor = functools.partial(
+            lr_factor,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=int(total_steps),
+            schedule=h.lr_schedule,
+            milestones=tuple(h.lr_milestones),
+            gamma=h.lr_gamma,
+            warmup_epochs=h.warmup_epochs,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
