@@ -76,7 +76,7 @@ class ImageFolderDataset(Dataset):
         self.samples = samples
         self.transform = transform
         self.max_corrupt = max_corrupt
-        self.corrupt_paths: list[str] = []  # per process: each DataLoader worker holds its own copy
+        self.corrupt_paths: set[str] = set()  # per process: each DataLoader worker holds its own
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,10 +85,14 @@ class ImageFolderDataset(Dataset):
         path, label = self.samples[index]
         while True:
             try:
+                if path in self.corrupt_paths:  # known bad: go on to the next sample without decoding again
+                    index = (index + 1) % len(self.samples)
+                    path, label = self.samples[index]
+                    continue
                 image = decode(path)
                 break
             except CorruptImageError:
-                self.corrupt_paths.append(path)
+                self.corrupt_paths.add(path)
                 if len(self.corrupt_paths) > self.max_corrupt:
                     raise
                 worker = torch.utils.data.get_worker_info()
@@ -96,8 +100,6 @@ class ImageFolderDataset(Dataset):
                     "skipped corrupt image %s (%d so far in loader worker %s, limit %d)",
                     path, len(self.corrupt_paths), worker.id if worker else "main", self.max_corrupt,
                 )
-                index = (index + 1) % len(self.samples)
-                path, label = self.samples[index]
         if self.transform is not None:
             image = self.transform(image)
         return image, label

@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import subprocess
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ThroughputMonitor
+import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_only
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
@@ -47,11 +48,30 @@ class SaveConfigAndCommit(SaveConfigCallback):
         checkpoint["git_commit"] = git_commit()
 
 
-class ImagesPerSecond(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting images: logs `train/samples_per_sec` (global, all ranks)."""
+class ImagesPerSecond(Callback):
+    """Global training throughput, `train/images_per_sec`: images of all ranks per second over the last `window`
+    steps (training loaders drop the last partial batch, so every rank steps with the same batch). The window
+    restarts each epoch so that validation and loader start-up are not counted."""
 
-    def __init__(self, window_size: int = 50):
-        super().__init__(batch_size_fn=lambda batch: batch[0].size(0), window_size=window_size)
+    def __init__(self, window: int = 20):
+        """
+        Args:
+            window: optimizer steps averaged over.
+        """
+        self.window = window
+        self._ends: deque[float] = deque(maxlen=window + 1)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._ends.clear()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)  # kernels are asynchronous: time what has run
+        self._ends.append(time.perf_counter())
+        if len(self._ends) > 1:
+            seconds = self._ends[-1] - self._ends[0]
+            images = (len(self._ends) - 1) * batch[0].size(0) * trainer.world_size
+            pl_module.log("train/images_per_sec", images / seconds, on_step=True, on_epoch=False)
 
 
 class TrainingReport(Callback):
@@ -82,11 +102,10 @@ class TrainingReport(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.history:
+        out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank asks
+        if not self.history or not trainer.is_global_zero:
             return
-        out = Path(trainer.log_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         keys = list(dict.fromkeys(k for row in self.history for k in row))
         with open(out / "history.csv", "w", newline="") as f:

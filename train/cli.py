@@ -51,19 +51,26 @@ def prepare_main(args: list[str]) -> None:
     auto_cli({"demo": write_demo_dataset}, args=args, as_positional=False)
 
 
-def main(args: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["prepare"]:
-        return prepare_main(argv[1:])
-    ResNetCLI(
+def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
+    """The training command line; `run=False` parses and instantiates without a subcommand (for tests)."""
+    return ResNetCLI(
         ImageNetClassifier,
         ImageNetDataModule,
         save_config_callback=SaveConfigAndCommit,
         save_config_kwargs={"overwrite": True},
         # The DataModule shards itself: Lightning's DistributedSampler would pad validation with duplicates.
         trainer_defaults={"use_distributed_sampler": False},
+        seed_everything_default=0,
         args=args,
+        run=run,
     )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["prepare"]:
+        return prepare_main(argv[1:])
+    build_cli(args)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,6 @@ def load_state_dict_file(net: nn.Module, path: str) -> None:
 
 
 class ImageNetClassifier(pl.LightningModule):
-    # FLOPs are not counted: Lightning's ThroughputMonitor then logs images/s only.
-    flops_per_batch = None
-
     def __init__(
         self,
         arch: Arch = "resnet50",

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datamodules.demo import write_demo_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+RESNET = str(Path(sys.executable).parent / "resnet")
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A small copy of the demo dataset: 6 classes x 12 train, 6 x 5 val JPEGs. Read-only: copy to modify."""
+    return write_demo_dataset(tmp_path_factory.mktemp("data") / "demo", train_per_class=12, val_per_class=5)
+
+
+@pytest.fixture
+def demo_copy(demo_root, tmp_path) -> Path:
+    """A private, modifiable copy of the small demo dataset."""
+    return Path(shutil.copytree(demo_root, tmp_path / "imagenet"))
+
+
+def tiny_fit_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    """`resnet fit` on the small demo set at 32 pixels: a few seconds per epoch on 2 cores."""
+    return [
+        "fit", "--config", str(REPO / "configs/demo.yaml"),
+        "--data.root", str(root), "--data.crop_size", "32", "--data.val_resize_size", "36",
+        "--data.batch_size", "8", "--data.num_workers", "0",
+        "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.num_sanity_val_steps", "0",
+        *extra,
+    ]
+
+
+def run_resnet(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The installed `resnet` console script, as a user runs it; fails the test with its output on error."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([RESNET, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"resnet {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def last_metrics(log_root: Path) -> dict[str, float]:
+    """Latest value of each metric in the newest `logs/version_N/metrics.csv` under a run directory."""
+    versions = sorted((log_root / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
+    values: dict[str, float] = {}
+    with open(versions[-1] / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return values

@@ -1,0 +1,50 @@
+import subprocess
+
+import pytest
+import yaml
+
+from datamodules import ImageNetDataModule
+from tests.conftest import REPO, RESNET, run_resnet
+from train.cli import build_cli
+from train.model import ImageNetClassifier
+from train.optim import scaled_lr
+
+CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_config_parses_and_instantiates(config, tmp_path):
+    cli = build_cli(["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert isinstance(cli.model, ImageNetClassifier) and isinstance(cli.datamodule, ImageNetDataModule)
+    # The model's lr scales with the global batch that only the data config sets.
+    assert cli.model.hparams.batch_size == cli.datamodule.batch_size
+    assert cli.trainer.max_epochs == yaml.safe_load(config.read_text())["trainer"]["max_epochs"]
+    assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("n", [50, 101, 152])
+def test_imagenet_recipes(n):
+    cli = build_cli(["--config", str(REPO / f"configs/imagenet_r{n}.yaml"), "--data.batch_size", "1024"], run=False)
+    h = cli.model.hparams
+    assert (h.arch, h.num_classes, h.lr_schedule, tuple(h.lr_milestones)) == (f"resnet{n}", 1000, "step", (30, 60, 80))
+    assert (h.momentum, h.weight_decay, h.lr_per_256) == (0.9, 1e-4, 0.1)
+    assert cli.trainer.precision == "bf16-mixed"
+    assert scaled_lr(h.lr_per_256, h.batch_size) == pytest.approx(0.4)
+
+
+def test_unknown_key_is_an_error_naming_it(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO / "configs/demo.yaml").read_text() + "  crop_sise: 96\n")  # a typo under `data:`
+    proc = subprocess.run([RESNET, "fit", "--config", str(bad)], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "crop_sise" in proc.stderr
+    proc = subprocess.run([RESNET, "fit", "--config", "configs/demo.yaml", "--model.lr_per_265", "1"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0 and "lr_per_265" in proc.stderr
+
+
+def test_print_config_is_the_resolved_recipe():
+    out = run_resnet("fit", "--config", "configs/imagenet_r152.yaml", "--data.root", "/elsewhere", "--print_config").stdout
+    config = yaml.safe_load(out)
+    assert config["model"]["arch"] == "resnet152" and config["data"]["root"] == "/elsewhere"
+    assert config["trainer"]["use_distributed_sampler"] is False
+    assert config["checkpoint"]["monitor"] == "val/acc1"

@@ -1,0 +1,116 @@
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import ImageNetDataModule
+from datamodules.folder import CorruptImageError, DatasetLayoutError
+from datamodules.imagenet import EvalShardBatchSampler
+from datamodules.transforms import Lighting, normalize_batch, train_transform, val_transform
+from torchvision.io import decode_image, read_file
+
+
+def make_dm(root, **kw):
+    kw = {"batch_size": 4, "num_workers": 0, "crop_size": 32, "val_resize_size": 36, **kw}
+    return ImageNetDataModule(str(root), **kw)
+
+
+def first_jpeg(root, split="val"):
+    return sorted((root / split).glob("*/*.JPEG"))[0]
+
+
+def test_layout_and_batches(demo_root):
+    dm = make_dm(demo_root)
+    dm.setup("fit")
+    assert dm.num_classes == 6 and dm.classes == sorted(dm.classes) and dm.classes[0] == "n90000001"
+    assert len(dm.train_set) == 72 and len(dm.val_set) == 30
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8 and labels.dtype == torch.long
+    x, y = dm.on_after_batch_transfer((images, labels), 0)
+    assert x.dtype == torch.float32 and x.shape == (4, 3, 32, 32)
+    assert torch.allclose(x[:, 0], (images[:, 0].float() / 255 - 0.485) / 0.229, atol=1e-5)
+    seen = torch.cat([y for _, y in dm.val_dataloader()])
+    assert seen.tolist() == [label for _, label in dm.val_set.samples]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda r: shutil.rmtree(r / "train"), r"imagenet/train: missing"),
+        (lambda r: shutil.rmtree(r / "val"), r"imagenet/val: missing"),
+        (lambda r: [p.unlink() for p in (r / "train/n90000003").iterdir()], r"train/n90000003: empty class folder"),
+        (lambda r: (r / "val/n90000003").rename(r / "val/n99999999"), r"val/n99999999: class 'n99999999' is not among"),
+    ],
+    ids=["no-train", "no-val", "empty-class", "val-class-not-in-train"],
+)
+def test_layout_errors_name_the_path(demo_copy, damage, message):
+    damage(demo_copy)
+    with pytest.raises(DatasetLayoutError, match=message):
+        make_dm(demo_copy).setup("fit")
+
+
+@pytest.mark.parametrize("kind", ["corrupt", "truncated"])
+def test_bad_val_jpeg_is_an_error_naming_it(demo_copy, kind):
+    bad = first_jpeg(demo_copy)
+    data = bad.read_bytes()
+    bad.write_bytes(b"not a jpeg" * 50 if kind == "corrupt" else data[: len(data) // 2])
+    dm = make_dm(demo_copy, num_workers=1)  # through a real worker process: no silent worker crash
+    dm.setup("validate")
+    with pytest.raises(CorruptImageError, match=str(bad)):
+        list(dm.val_dataloader())
+
+
+def test_few_corrupt_train_jpegs_are_skipped_with_a_warning(demo_copy, caplog):
+    bad = sorted((demo_copy / "train").glob("*/*.JPEG"))[:2]
+    for p in bad:
+        p.write_bytes(p.read_bytes()[:300])
+    dm = make_dm(demo_copy, max_corrupt_train_images=2)
+    dm.setup("fit")
+    with caplog.at_level(logging.WARNING, logger="datamodules.folder"):
+        labels = [y for _, y in (dm.train_set[i] for i in range(len(dm.train_set)))]
+    assert len(labels) == 72
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and str(bad[0]) in warned[0] and "(1 so far" in warned[0] and "(2 so far" in warned[1]
+    dm = make_dm(demo_copy, max_corrupt_train_images=1)
+    dm.setup("fit")
+    with pytest.raises(CorruptImageError, match=str(bad[1])):
+        [dm.train_set[i] for i in range(len(dm.train_set))]
+
+
+def test_global_batch_must_divide_by_world_size(demo_root):
+    dm = make_dm(demo_root, batch_size=10)
+    dm.trainer = type("T", (), {"global_rank": 0, "world_size": 4})()
+    with pytest.raises(ValueError, match=r"data.batch_size=10 .* world size 4 .* e.g. use 8"):
+        dm.per_device_batch_size
+
+
+@pytest.mark.parametrize("n, world, batch", [(30, 2, 4), (33, 2, 16), (101, 4, 8), (7, 3, 4), (1000, 8, 32)])
+def test_eval_shards_cover_each_image_once_with_equal_batch_counts(n, world, batch):
+    shards = [list(EvalShardBatchSampler(n, batch, rank, world)) for rank in range(world)]
+    assert len({len(s) for s in shards}) == 1  # same number of batches on every rank (DDP syncs per forward)
+    flat = [i for s in shards for b in s for i in b]
+    assert sorted(flat) == list(range(n))
+    assert all(0 < len(b) <= batch for s in shards for b in s)
+
+
+def test_train_transforms(demo_root):
+    image = decode_image(read_file(str(first_jpeg(demo_root, "train"))))
+    torch.manual_seed(0)
+    rrc = train_transform(crop_size=48)
+    assert rrc(image).shape == (3, 48, 48) and rrc(image).dtype == torch.uint8
+    jitter = train_transform(crop_size=48, scale_jitter=(64, 80), lighting_std=0.1)
+    assert jitter(image).shape == (3, 48, 48)
+    flips = sum(torch.equal(train_transform(crop_size=image.shape[1], scale=(1, 1))(image[:, :, : image.shape[1]]).flip(-1), image[:, :, : image.shape[1]]) for _ in range(200))
+    assert 70 < flips < 130  # about half of the crops are mirrored
+    lit = Lighting(0.1)(image)
+    assert lit.dtype == torch.uint8 and lit.shape == image.shape and not torch.equal(lit, image)
+    assert (lit.float() - image.float()).abs().mean() < 20
+
+
+def test_val_transform_geometry(demo_root):
+    image = decode_image(read_file(str(first_jpeg(demo_root))))
+    out = val_transform(crop_size=32, resize_size=36)(image)
+    assert out.shape == (3, 32, 32)
+    assert normalize_batch(out[None]).abs().max() < 3

@@ -1,0 +1,56 @@
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import last_metrics, run_resnet, tiny_fit_args
+
+
+def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
+    run_dir = tmp_path / "run"
+    run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "1"))
+    ckpt_dir = run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.ckpt", "last.ckpt"]
+    first = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 9 and first["epoch"] == 0  # 72 images / batch 8 = 9 steps
+    config = yaml.safe_load(first["config"])  # the resolved config travels with the weights
+    assert config["model"]["arch"] == "resnet18" and config["data"]["batch_size"] == 8
+    assert config["data"]["root"] == str(demo_root)
+    assert len(first["git_commit"].split("+")[0]) in (40, 7) or first["git_commit"] == "unknown"
+    metrics = last_metrics(run_dir)
+    assert metrics["val/images"] == 30
+    assert 0 <= metrics["val/acc1"] <= 1 and metrics["train/images_per_sec"] > 0
+    assert "train/lr" in metrics
+
+    proc = run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    assert "Restoring states from the checkpoint path at" in proc.stdout + proc.stderr
+    second = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert second["global_step"] == 18
+    sched = second["lr_schedulers"][0]
+    assert sched["last_epoch"] == 18  # the lr schedule continued, not restarted
+    history = (run_dir / "logs/version_1/history.csv").read_text().splitlines()
+    assert len(history) == 3 and history[1].startswith("0,9,") and history[2].startswith("1,18,")
+    assert (run_dir / "logs/version_1/curves.png").stat().st_size > 10_000
+    assert (run_dir / "logs/version_1/config.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_validation(demo_copy, tmp_path):
+    next(iter(sorted((demo_copy / "val/n90000002").iterdir()))).unlink()  # 29 val images: odd, not / batch
+    run_dir = tmp_path / "ddp"
+    run_resnet(
+        *tiny_fit_args(demo_copy, run_dir, "--trainer.max_epochs", "1", "--trainer.devices", "2",
+                       "--trainer.strategy", "ddp", "--data.batch_size", "8"),
+    )
+    ddp = last_metrics(run_dir)
+    assert ddp["val/images"] == 29  # each image once, none padded
+    ckpt = run_dir / "checkpoints/last.ckpt"
+    assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 9  # 72 images / global batch 8: as on one process
+    run_resnet("validate", "--config", str(run_dir / "logs/version_0/config.yaml"), "--ckpt_path", str(ckpt),
+               "--trainer.devices", "1", "--trainer.strategy", "auto")
+    single = last_metrics(run_dir)
+    assert single["val/images"] == 29
+    assert single["val/acc1"] == pytest.approx(ddp["val/acc1"], abs=1e-6)
+    assert single["val/acc5"] == pytest.approx(ddp["val/acc5"], abs=1e-6)
+    assert single["val/loss"] == pytest.approx(ddp["val/loss"], rel=1e-4)

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from train.model import ImageNetClassifier, build_resnet
+
+# torchvision's published parameter counts (its weights' documentation).
+PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160, "resnet152": 60_192_808}
+
+
+@pytest.mark.parametrize("arch", PARAMS)
+def test_parameter_count_and_gradients(arch):
+    net = build_resnet(arch)
+    assert sum(p.numel() for p in net.parameters()) == PARAMS[arch]
+    torch.manual_seed(0)
+    net.train()
+    logits = net(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1000)
+    torch.nn.functional.cross_entropy(logits, torch.tensor([1, 999])).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+    assert torch.isfinite(logits).all()
+
+
+def test_zero_init_residual_and_channels_last():
+    model = ImageNetClassifier(arch="resnet50", num_classes=10, zero_init_residual=True, channels_last=True)
+    assert model.net.layer1[0].bn3.weight.abs().sum() == 0  # last BN of each bottleneck starts at 0
+    assert model.net.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_pretrained_state_dict_file(tmp_path):
+    source = build_resnet("resnet18", num_classes=10)
+    torch.save(source.state_dict(), tmp_path / "r18.pth")
+    model = ImageNetClassifier(arch="resnet18", num_classes=10, pretrained=str(tmp_path / "r18.pth"))
+    assert torch.equal(model.net.fc.weight, source.fc.weight)
+    with pytest.raises(ValueError, match="r18.pth: not a state dict of this model"):
+        ImageNetClassifier(arch="resnet34", num_classes=10, pretrained=str(tmp_path / "r18.pth"))
+    with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
+        ImageNetClassifier(arch="resnet18", pretrained=str(tmp_path / "missing.pth"))
