@@ -146,7 +146,7 @@ def print_history(history: list[dict[str, float]], out: Path) -> None:
     fmt = lambda r, k: (f"{100 * r[k]:.2f}%" if "acc" in k else f"{r[k]:.4f}") if k in r else "-"
     for r in history:
         table.add_row(str(r["epoch"] + 1), f"{r['lr']:.4g}", *(fmt(r, k) for k in REPORT_KEYS), f"{r['epoch_s']:.1f}s")
-    Console().print(table)
+    Console(width=max(Console().width, 110)).print(table)
     best = max(history, key=lambda r: r.get("val/acc1", -1))
     if "val/acc1" in best:
         Console().print(
