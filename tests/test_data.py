@@ -86,6 +86,15 @@ def test_global_batch_must_divide_by_world_size(demo_root):
         dm.per_device_batch_size
 
 
+def test_lightning_distributed_sampler_is_refused(demo_root):
+    """Lightning's DistributedSampler would pad validation with duplicates: a clear error, not wrong numbers."""
+    dm = make_dm(demo_root)
+    connector = type("C", (), {"use_distributed_sampler": True})()
+    dm.trainer = type("T", (), {"global_rank": 0, "world_size": 2, "_accelerator_connector": connector})()
+    with pytest.raises(ValueError, match="trainer.use_distributed_sampler must be false"):
+        dm.setup("validate")
+
+
 @pytest.mark.parametrize("n, world, batch", [(30, 2, 4), (33, 2, 16), (101, 4, 8), (7, 3, 4), (1000, 8, 32)])
 def test_eval_shards_cover_each_image_once_with_equal_batch_counts(n, world, batch):
     shards = [list(EvalShardBatchSampler(n, batch, rank, world)) for rank in range(world)]

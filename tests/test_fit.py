@@ -66,3 +66,18 @@ def test_demo_recipe_reaches_90_percent(tmp_path):
     metrics = last_metrics(run_dir)
     assert metrics["val/images"] == 240
     assert metrics["val/acc1"] >= 0.90, metrics
+
+
+def test_imagenet_recipe_runs_bf16_channels_last(demo_root, tmp_path):
+    """configs/imagenet_r50.yaml as it is (bf16-mixed, channels_last, ResNet-50), only pointed at small data."""
+    proc = run_resnet(
+        "fit", "--config", "configs/imagenet_r50.yaml", "--data.root", str(demo_root), "--model.num_classes", "6",
+        "--data.batch_size", "4", "--data.num_workers", "0", "--data.crop_size", "64", "--data.val_resize_size", "73",
+        "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+    )
+    assert "`Trainer.fit` stopped: `max_steps=2` reached" in proc.stdout + proc.stderr
+    ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    config = yaml.safe_load(ckpt["config"])
+    assert config["trainer"]["precision"] == "bf16-mixed" and config["model"]["channels_last"] is True
+    assert config["model"]["arch"] == "resnet50" and ckpt["global_step"] == 2
+    assert ckpt["state_dict"]["net.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
