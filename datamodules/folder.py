@@ -84,22 +84,21 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
         while True:
-            try:
-                if path in self.corrupt_paths:  # known bad: go on to the next sample without decoding again
-                    index = (index + 1) % len(self.samples)
-                    path, label = self.samples[index]
-                    continue
-                image = decode(path)
-                break
-            except CorruptImageError:
-                self.corrupt_paths.add(path)
-                if len(self.corrupt_paths) > self.max_corrupt:
-                    raise
-                worker = torch.utils.data.get_worker_info()
-                log.warning(
-                    "skipped corrupt image %s (%d so far in loader worker %s, limit %d)",
-                    path, len(self.corrupt_paths), worker.id if worker else "main", self.max_corrupt,
-                )
+            if path not in self.corrupt_paths:  # a known bad file is not decoded again
+                try:
+                    image = decode(path)
+                    break
+                except CorruptImageError:
+                    self.corrupt_paths.add(path)
+                    if len(self.corrupt_paths) > min(self.max_corrupt, len(self.samples) - 1):
+                        raise
+                    worker = torch.utils.data.get_worker_info()
+                    log.warning(
+                        "skipped corrupt image %s (%d so far in loader worker %s, limit %d)",
+                        path, len(self.corrupt_paths), worker.id if worker else "main", self.max_corrupt,
+                    )
+            index = (index + 1) % len(self.samples)
+            path, label = self.samples[index]
         if self.transform is not None:
             image = self.transform(image)
         return image, label
