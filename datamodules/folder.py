@@ -57,10 +57,11 @@ def scan_split(split_dir: Path, class_to_idx: dict[str, int]) -> list[tuple[str,
 
 def decode(path: str) -> torch.Tensor:
     """RGB uint8 CHW tensor of one image file; a CorruptImageError naming the path if it cannot be read."""
+    data = read_file(path)  # a missing or unreadable file is an I/O problem, never skipped as "corrupt"
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as e:  # torchvision reports truncated and undecodable files as RuntimeError
-        raise CorruptImageError(f"{path}: cannot decode image ({str(e).splitlines()[-1].split(', ')[-1]})") from e
+        raise CorruptImageError(f"{path}: cannot decode image ({str(e).strip().splitlines()[-1]})") from e
 
 
 class ImageFolderDataset(Dataset):

@@ -135,7 +135,8 @@ class ImageNetDataModule(pl.LightningDataModule):
     def _loader(self, dataset: ImageFolderDataset, **kwargs) -> DataLoader:
         workers = self.hparams.num_workers
         if workers is None:
-            workers = min(8, len(os.sched_getaffinity(0)))
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            workers = min(8, cpus)
         return DataLoader(
             dataset,
             num_workers=workers,

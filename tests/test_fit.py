@@ -21,6 +21,8 @@ def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
     assert 0 <= metrics["val/acc1"] <= 1 and metrics["train/images_per_sec"] > 0
     assert "train/lr" in metrics
 
+    with pytest.raises(AssertionError, match="last.ckpt exists: resume that run with --ckpt_path last"):
+        run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "2"))  # would overwrite the run
     proc = run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
     assert "Restoring states from the checkpoint path at" in proc.stdout + proc.stderr
     second = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)

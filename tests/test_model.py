@@ -36,5 +36,7 @@ def test_pretrained_state_dict_file(tmp_path):
     assert torch.equal(model.net.fc.weight, source.fc.weight)
     with pytest.raises(ValueError, match="r18.pth: not a state dict of this model"):
         ImageNetClassifier(arch="resnet34", num_classes=10, pretrained=str(tmp_path / "r18.pth"))
+    with pytest.raises(ValueError, match=r"shape mismatch \['fc.weight \(10, 512\) != \(6, 512\)"):
+        ImageNetClassifier(arch="resnet18", num_classes=6, pretrained=str(tmp_path / "r18.pth"))
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         ImageNetClassifier(arch="resnet18", pretrained=str(tmp_path / "missing.pth"))

@@ -44,5 +44,7 @@ def test_cosine_schedule():
     assert f(20) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5)
     assert f(100) == pytest.approx(0.0, abs=1e-12)
+    fractional = [lr_factor(s, steps_per_epoch=15, total_steps=150, warmup_epochs=0.5) for s in range(10)]
+    assert max(fractional) == 1.0 and fractional[6] == pytest.approx(7 / 7.5)
     no_warmup = lr_factor(0, steps_per_epoch=10, total_steps=100, schedule="cosine")
     assert no_warmup == 1.0

@@ -80,10 +80,13 @@ class TrainingReport(Callback):
 
     def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
-        self._t0, self._lr = 0.0, 0.0
+        self._t0, self._lr, self._validated = 0.0, 0.0, False
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validated = not trainer.sanity_checking
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t0 = time.perf_counter()
+        self._t0, self._validated = time.perf_counter(), False
         self._lr = trainer.optimizers[0].param_groups[0]["lr"]  # the lr of the epoch's first step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -91,6 +94,8 @@ class TrainingReport(Callback):
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step, "epoch_s": time.perf_counter() - self._t0}
         row["lr"] = self._lr
         for key in REPORT_KEYS:
+            if key.startswith("val/") and not self._validated:
+                continue  # callback_metrics still hold an earlier epoch's validation
             value = m.get(f"{key}_epoch", m.get(key))
             if value is not None:
                 row[key] = float(value)

@@ -41,6 +41,14 @@ class ResNetCLI(LightningCLI):
         config.trainer.default_root_dir = str(root)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
+        last = Path(config.checkpoint.dirpath) / "last.ckpt"
+        # A fresh fit into a folder holding a run would replace its best.ckpt and last.ckpt; a SLURM requeue
+        # (hpc_ckpt_*.ckpt present) resumes by itself.
+        if self.subcommand == "fit" and config.ckpt_path is None and last.exists() and not any(root.glob("hpc_ckpt_*.ckpt")):
+            self.parser.error(
+                f"{last} exists: resume that run with --ckpt_path last, or start a new one in another "
+                "--trainer.default_root_dir"
+            )
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=str(root), name="logs")

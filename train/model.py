@@ -29,10 +29,15 @@ def load_state_dict_file(net: nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.pretrained: {path} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    shapes = [k for k, v in state.items() if k in net.state_dict() and net.state_dict()[k].shape != v.shape]
+    own = net.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
     if missing or unexpected or shapes:
-        raise ValueError(f"{path}: not a state dict of this model; missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{path}: not a state dict of this model; missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape mismatch {shapes[:3]}"
+        )
+    net.load_state_dict(state)
 
 
 class ImageNetClassifier(pl.LightningModule):
@@ -132,11 +137,16 @@ class ImageNetClassifier(pl.LightningModule):
         h = self.hparams
         optimizer = torch.optim.SGD(
             param_groups(self.net, h.weight_decay),
-            lr=scaled_lr(h.lr_per_256, h.batch_size),
+            # Lightning averages the loss over accumulated batches: one step sees batch_size x accumulate images.
+            lr=scaled_lr(h.lr_per_256, h.batch_size * self.trainer.accumulate_grad_batches),
             momentum=h.momentum,
             nesterov=h.nesterov,
         )
         total_steps = self.trainer.estimated_stepping_batches  # also sets num_training_batches
+        if not math.isfinite(total_steps):
+            if h.lr_schedule == "cosine":
+                raise ValueError("model.lr_schedule=cosine needs trainer.max_epochs or trainer.max_steps")
+            total_steps = 0  # unused by the step schedule
         steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
         factor = functools.partial(
             lr_factor,

@@ -37,7 +37,7 @@ def lr_factor(
     its end), then ×gamma at each milestone epoch, or a cosine decay reaching 0 at `total_steps`."""
     warmup_steps = warmup_epochs * steps_per_epoch
     if step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return min(1.0, (step + 1) / warmup_steps)
     epoch = step / steps_per_epoch
     if schedule == "step":
         return gamma ** sum(epoch >= m for m in milestones)
