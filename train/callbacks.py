@@ -36,16 +36,14 @@ class SaveConfigAndCommit(SaveConfigCallback):
     inside every checkpoint (`checkpoint["config"]`, `checkpoint["git_commit"]`)."""
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Once per run: the config and the commit the run started from (not two git calls per checkpoint).
+        self._run_info = {"config": self.parser.dump(self.config, skip_none=False), "git_commit": git_commit()}
         if not self.already_saved and trainer.is_global_zero:
-            Console(stderr=True).print(Syntax(self._yaml(), "yaml", theme="ansi_dark"))
+            Console(stderr=True).print(Syntax(self._run_info["config"], "yaml", theme="ansi_dark"))
         super().setup(trainer, pl_module, stage)
 
-    def _yaml(self) -> str:
-        return self.parser.dump(self.config, skip_none=False)
-
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["config"] = self._yaml()
-        checkpoint["git_commit"] = git_commit()
+        checkpoint.update(self._run_info)
 
 
 class ImagesPerSecond(Callback):
