@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DATA := .cache/demo_imagenet
 DEMO_RUN := runs/demo
+DEMO_EVAL := runs/demo_eval
 
 .PHONY: setup demo test clean
 
@@ -16,18 +17,24 @@ $(BIN)/resnet: pyproject.toml
 
 setup: $(BIN)/resnet
 
+# Two models trained on the demo set, each evaluated under the three ILSVRC protocols, then their ensemble.
 demo: setup
-	@start=$$(date +%s); \
-	$(BIN)/resnet prepare demo --dst $(DEMO_DATA) && \
-	rm -rf $(DEMO_RUN) && \
-	$(BIN)/resnet fit --config configs/demo.yaml --trainer.enable_progress_bar false && \
-	$(BIN)/resnet validate --config configs/demo.yaml --ckpt_path $(DEMO_RUN)/checkpoints/best.ckpt \
-		--trainer.enable_progress_bar false && \
-	echo "Demo done in $$(( $$(date +%s) - start )) s. Results: $(DEMO_RUN)/checkpoints/{best,last}.ckpt," \
-		"$(DEMO_RUN)/logs/version_0/{curves.png,history.csv,metrics.csv,config.yaml}"
+	@start=$$(date +%s); set -e; \
+	$(BIN)/resnet prepare demo --dst $(DEMO_DATA); \
+	rm -rf $(DEMO_RUN) $(DEMO_RUN)_r34 $(DEMO_EVAL); \
+	$(BIN)/resnet fit --config configs/demo.yaml --trainer.enable_progress_bar false; \
+	$(BIN)/resnet fit --config configs/demo.yaml --config configs/demo_r34.yaml --trainer.enable_progress_bar false; \
+	for run in demo demo_r34; do for protocol in center 10crop multiscale; do \
+		$(BIN)/resnet evaluate --config configs/eval/demo.yaml --ckpt runs/$$run/checkpoints/best.ckpt \
+			--protocol $$protocol --trainer.enable_progress_bar false --output $(DEMO_EVAL)/$${run}_$$protocol.pt; \
+	done; done; \
+	$(BIN)/resnet ensemble $(DEMO_EVAL)/demo_multiscale.pt $(DEMO_EVAL)/demo_r34_multiscale.pt \
+		--output $(DEMO_EVAL)/ensemble.md; \
+	echo "Demo done in $$(( $$(date +%s) - start )) s. Runs: $(DEMO_RUN)/, $(DEMO_RUN)_r34/ (checkpoints/, logs/version_0/);" \
+		"evaluations and ensemble table: $(DEMO_EVAL)/"
 
 test: setup
 	$(BIN)/python -m pytest -q --timeout 600
 
 clean:
-	rm -rf $(DEMO_RUN) .cache .pytest_cache
+	rm -rf $(DEMO_RUN) $(DEMO_RUN)_r34 $(DEMO_EVAL) .cache .pytest_cache

@@ -37,6 +37,27 @@ class EvalShardBatchSampler(Sampler[list[int]]):
         return self.num_batches
 
 
+def per_device_batch_size(batch_size: int, world_size: int) -> int:
+    """The per-rank share of a global batch; a clear error when it does not divide."""
+    if batch_size % world_size:
+        raise ValueError(
+            f"data.batch_size={batch_size} is the global batch and must divide by the world size "
+            f"{world_size} (trainer.num_nodes x trainer.devices); e.g. use {max(1, batch_size // world_size) * world_size}"
+        )
+    return batch_size // world_size
+
+
+def default_num_workers() -> int:
+    """Loader processes per rank: the CPUs this process may use (a SLURM allocation, a taskset), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cpus)
+
+
+def trainer_world(trainer: Optional[pl.Trainer]) -> tuple[int, int]:
+    """(global rank, world size); (0, 1) before a trainer is attached."""
+    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+
 class ImageNetDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -84,18 +105,11 @@ class ImageNetDataModule(pl.LightningDataModule):
         return len(self.classes)
 
     def _world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return trainer_world(self.trainer)
 
     @property
     def per_device_batch_size(self) -> int:
-        _, world = self._world()
-        if self.batch_size % world:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} is the global batch and must divide by the world size "
-                f"{world} (trainer.num_nodes x trainer.devices); e.g. use {self.batch_size // world * world}"
-            )
-        return self.batch_size // world
+        return per_device_batch_size(self.batch_size, self._world()[1])
 
     def setup(self, stage: str) -> None:
         _, world = self._world()
@@ -133,10 +147,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             )
 
     def _loader(self, dataset: ImageFolderDataset, **kwargs) -> DataLoader:
-        workers = self.hparams.num_workers
-        if workers is None:
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            workers = min(8, cpus)
+        workers = default_num_workers() if self.hparams.num_workers is None else self.hparams.num_workers
         return DataLoader(
             dataset,
             num_workers=workers,
@@ -155,6 +166,19 @@ class ImageNetDataModule(pl.LightningDataModule):
         rank, world = self._world()
         batches = EvalShardBatchSampler(len(self.val_set), self.per_device_batch_size, rank, world)
         return self._loader(self.val_set, batch_sampler=batches)
+
+    def state_dict(self) -> dict:
+        # Stored in every checkpoint: evaluation maps a val folder to the model's outputs by these names.
+        return {"classes": list(self.classes)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("classes")
+        if saved and self.classes and saved != self.classes:
+            diff = sorted(set(saved) ^ set(self.classes))[:5] or "same names, another order"
+            raise DatasetLayoutError(
+                f"{self.root}: its {len(self.classes)} classes differ from the {len(saved)} the checkpoint was "
+                f"trained on (e.g. {diff}); the model's outputs would be read as the wrong labels"
+            )
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch

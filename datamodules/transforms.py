@@ -3,7 +3,7 @@ device (`normalize_batch`): workers ship uint8, a quarter of the bytes of float3
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -62,6 +62,61 @@ def train_transform(
 def val_transform(*, crop_size: int = 224, resize_size: int = 256) -> v2.Compose:
     """Shorter side to `resize_size` (bilinear, antialiased), centre crop `crop_size`: torchvision's protocol."""
     return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)])
+
+
+Protocol = Literal["center", "10crop", "multiscale"]
+# He et al. 2015, Table 4: the fully-convolutional test averages shorter sides {224, 256, 384, 480, 640}.
+PAPER_SCALES = (224, 256, 384, 480, 640)
+
+
+class EvalViews:
+    """The views of one image that an ILSVRC evaluation protocol averages, each a uint8 CHW tensor:
+    - `center`: shorter side to `resize_size`, the centre `crop_size` square (1 view, torchvision's protocol);
+    - `10crop`: shorter side to `resize_size`, then torchvision's TenCrop: the four corner crops and the
+      centre crop, then the same five mirrored (AlexNet's "standard 10-crop", He et al. Table 3);
+    - `multiscale`: the whole image with its shorter side at each of `scales`, uncropped, and mirrored if `flip`
+      (the fully-convolutional test of He et al. Table 4; global average pooling absorbs the size).
+    Resizing is bilinear with antialiasing, as in torchvision's weights' own transforms."""
+
+    def __init__(
+        self,
+        protocol: Protocol = "center",
+        *,
+        crop_size: int = 224,
+        resize_size: int = 256,
+        scales: Sequence[int] = PAPER_SCALES,
+        flip: bool = True,
+    ):
+        if protocol not in ("center", "10crop", "multiscale"):
+            raise ValueError(f"protocol={protocol!r}: expected center, 10crop or multiscale")
+        if protocol != "multiscale" and resize_size < crop_size:
+            raise ValueError(f"resize_size={resize_size} is smaller than crop_size={crop_size}")
+        if protocol == "multiscale" and (not scales or min(scales) < 32):
+            raise ValueError(f"scales={list(scales)}: expected one or more shorter sides of at least 32 pixels")
+        self.protocol, self.flip, self.scales = protocol, flip, tuple(int(s) for s in scales)
+        self.crop_size, self.resize_size = crop_size, resize_size
+        self._resize = v2.Resize(resize_size, antialias=True)
+        self._crops = v2.CenterCrop(crop_size) if protocol == "center" else v2.TenCrop(crop_size)
+
+    @property
+    def views_per_image(self) -> int:
+        return {"center": 1, "10crop": 10}.get(self.protocol, len(self.scales) * (2 if self.flip else 1))
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        if self.protocol == "center":
+            return [self._crops(self._resize(image))]
+        if self.protocol == "10crop":
+            return list(self._crops(self._resize(image)))
+        views = []
+        for scale in self.scales:
+            view = v2.functional.resize(image, scale, antialias=True)
+            views += [view, view.flip(-1)] if self.flip else [view]
+        return views
+
+    def describe(self) -> str:
+        if self.protocol == "multiscale":
+            return f"multiscale: shorter side {list(self.scales)}{', + flips' if self.flip else ''}"
+        return f"{self.protocol}: resize {self.resize_size}, crop {self.crop_size}"
 
 
 def normalize_batch(

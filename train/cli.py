@@ -1,17 +1,21 @@
-"""`resnet`: LightningCLI over ImageNetClassifier and ImageNetDataModule, plus `resnet prepare ...`."""
+"""`resnet`: LightningCLI (`fit`, `validate`) over ImageNetClassifier and ImageNetDataModule, plus
+`resnet prepare ...`, `resnet evaluate ...` (ILSVRC protocols) and `resnet ensemble ...`."""
 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
-from jsonargparse import Namespace, auto_cli
+from jsonargparse import ArgumentParser, Namespace, auto_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import ImageNetDataModule
 from datamodules.demo import write_demo_dataset
+from train.evaluate import evaluate_main, exit_with_error
+from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
 from train.model import ImageNetClassifier
 
@@ -59,6 +63,19 @@ def prepare_main(args: list[str]) -> None:
     auto_cli({"demo": write_demo_dataset}, args=args, as_positional=False)
 
 
+def ensemble_main(args: list[str]) -> None:
+    parser = ArgumentParser(prog="resnet ensemble", description=ensemble.__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="+", help="result files of `resnet evaluate --output`")
+    parser.add_argument("--weights", type=Optional[str], help="one weight per file, e.g. 1,1,2 (default: equal)")
+    parser.add_argument("--output", type=Optional[str], help="Markdown table to write (e.g. results/ensemble.md); JSON beside it")
+    cfg = parser.parse_args(args)
+    try:
+        weights = [float(w) for w in cfg.weights.split(",")] if cfg.weights else None
+        ensemble(cfg.files, weights, cfg.output)
+    except (ValueError, OSError) as e:  # bad input: name the cause, no traceback
+        exit_with_error("resnet ensemble", e)
+
+
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
     """The training command line; `run=False` parses and instantiates without a subcommand (for tests)."""
     return ResNetCLI(
@@ -75,9 +92,12 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
 
 
 def main(args: Optional[list[str]] = None) -> None:
+    # Lightning 2.6 calling torch APIs that torch 2.14 deprecates: noise in every run, nothing for users to fix.
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|all_gather is deprecated)")
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["prepare"]:
-        return prepare_main(argv[1:])
+    commands = {"prepare": prepare_main, "evaluate": evaluate_main, "ensemble": ensemble_main}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     build_cli(args)
 
 

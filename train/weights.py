@@ -1,0 +1,100 @@
+"""Networks to evaluate: our Lightning checkpoints, torchvision's published weights by name, or a state-dict file."""
+
+from __future__ import annotations
+
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torchvision
+from torch import nn
+
+from train.model import build_resnet
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Residual blocks per stage and block type of each depth (He et al. 2015, Table 1).
+_LAYOUTS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+
+
+@dataclass
+class LoadedModel:
+    net: nn.Module
+    arch: str
+    name: str  # what the results table shows: the checkpoint path or the weights' name
+    classes: Optional[list[str]]  # output order by class name; None = sorted folder names of the data
+    resize_size: Optional[int] = None  # the weights' own evaluation resize (torchvision V2: 232 for ResNet-50)
+    published: dict = field(default_factory=dict)  # the weights' published single-crop acc@1/acc@5
+
+
+def infer_arch(state: dict[str, torch.Tensor]) -> str:
+    """The torchvision ResNet depth a state dict belongs to, from its blocks per stage."""
+    blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+    arch = _LAYOUTS.get((blocks, "layer1.0.conv3.weight" in state))
+    if arch is None:
+        raise ValueError(f"not a torchvision ResNet state dict: blocks per stage {blocks}")
+    return arch
+
+
+def _net_from_state(state: dict[str, torch.Tensor], arch: str, source: str) -> nn.Module:
+    if "fc.weight" not in state:
+        raise ValueError(f"{source}: no fc.weight in the state dict; expected torchvision ResNet keys (conv1.weight ... fc.bias)")
+    net = build_resnet(arch, num_classes=state["fc.weight"].shape[0])
+    result = net.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{source}: not a {arch} state dict; missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return net
+
+
+def load_checkpoint(path: str) -> LoadedModel:
+    """The network of a `resnet fit` checkpoint, with the class names it was trained on."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--ckpt {path}: no such file")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: hparams hold plain Python
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"--ckpt {path}: not a Lightning checkpoint of `resnet fit` (no state_dict/hyper_parameters)")
+    hp = ckpt["hyper_parameters"]
+    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    net = _net_from_state(state, hp["arch"], path)
+    classes = ckpt.get("ImageNetDataModule", {}).get("classes")  # absent from checkpoints of older versions
+    run = Path(path).resolve().parent
+    run = run.parent if run.name == "checkpoints" else run  # <run dir>/checkpoints/best.ckpt -> "<run dir>/best"
+    return LoadedModel(net, hp["arch"], f"{hp['arch']} {run.name}/{Path(path).stem}", classes or None)
+
+
+def load_weights(spec: str) -> LoadedModel:
+    """`torchvision:resnet50.IMAGENET1K_V1` (through torchvision's download cache) or a state-dict file."""
+    if not spec.startswith("torchvision:"):
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"--weights {spec}: no such file (or use torchvision:<arch>.<weights>, e.g. torchvision:resnet50.IMAGENET1K_V2)")
+        state = torch.load(spec, map_location="cpu", weights_only=True)
+        arch = infer_arch(state)
+        return LoadedModel(_net_from_state(state, arch, spec), arch, f"{arch} ({Path(spec).name})", None)
+    arch, _, tag = spec.removeprefix("torchvision:").partition(".")
+    if arch not in ARCHS:
+        raise ValueError(f"--weights {spec}: unknown model {arch!r}; expected one of {', '.join(ARCHS)}")
+    enum = torchvision.models.get_model_weights(arch)
+    if tag not in enum.__members__:
+        raise ValueError(f"--weights {spec}: {arch} has weights {', '.join(enum.__members__)}, not {tag!r}")
+    weights = enum[tag]
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    try:
+        state = weights.get_state_dict(progress=True)
+    except (urllib.error.URLError, OSError) as e:
+        raise ConnectionError(
+            f"--weights {spec}: cannot download {weights.url} ({e}); offline, put that file at {cached} "
+            "or pass its path as --weights"
+        ) from e
+    net = _net_from_state(state, arch, spec)
+    transforms = weights.transforms()
+    return LoadedModel(
+        net, arch, f"{arch} {weights.name} (torchvision)", None,
+        resize_size=transforms.resize_size[0], published=weights.meta["_metrics"]["ImageNet-1K"],
+    )
