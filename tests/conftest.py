@@ -39,11 +39,12 @@ def tiny_fit_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def run_resnet(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """The installed `resnet` console script, as a user runs it; fails the test with its output on error."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_resnet(*args: str, timeout: int = 300, env: dict | None = None, expect_rc: int = 0) -> subprocess.CompletedProcess:
+    """The installed `resnet` console script, as a user runs it; fails the test with its output when the exit
+    status is not `expect_rc` (2: a usage or input error)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run([RESNET, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-    if proc.returncode != 0:
+    if proc.returncode != expect_rc:
         raise AssertionError(f"resnet {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 

@@ -15,14 +15,13 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from datamodules.evaluation import EvalDataModule, ViewBatch
 from datamodules.transforms import PAPER_SCALES, EvalViews, normalize_batch
 from train.callbacks import git_commit
-from train.results import save_result, topk_accuracy
+from train.results import console as results_console, save_result, topk_accuracy
 from train.weights import LoadedModel, load_checkpoint, load_weights
 
 # Views through the network per forward, in pixels: 256 views of 224x224 (~12.8M pixels), e.g. 25 images x 10
@@ -196,7 +195,7 @@ def print_result(result: dict, output: Optional[str]) -> None:
         str(result["images"]), str(result["views"]), f"{result['top1_err']:.2f}", f"{result['top5_err']:.2f}",
         f"{result['acc1']:.2f}", f"{result['acc5']:.2f}", f"{result['images_per_sec']:.1f}",
     )
-    console = Console()
+    console = results_console()
     console.print(table)
     if result["published"]:
         console.print(f"published (torchvision, center crop): acc1 {result['published']['acc@1']}, acc5 {result['published']['acc@5']}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -51,7 +52,10 @@ def load_result(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such result file (written by `resnet evaluate --output`)")
-    result = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        result = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: torch raises pickle, zip and runtime errors alike
+        raise ValueError(f"{path}: not a `resnet evaluate` result file ({type(e).__name__}: {str(e).splitlines()[0][:100]})") from None
     missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
     if missing:
         raise ValueError(f"{path}: not a `resnet evaluate` result file (missing {', '.join(missing)})")
@@ -72,10 +76,16 @@ def check_compatible(paths: Sequence[str | Path], results: Sequence[dict]) -> No
             raise ValueError(f"{ref_path} and {path} give the same images different labels")
 
 
+def console() -> Console:
+    """Rich console; 100 columns when the output is a log file or pipe (rich's default there is 80, too narrow
+    for a results table)."""
+    return Console(width=None if sys.stdout.isatty() else 100)
+
+
 def results_table(rows: list[dict], title: str) -> Table:
     table = Table(title=title)
     for col in ("model", "protocol", "views", "top-1 err.", "top-5 err.", "images"):
-        table.add_column(col, justify="left" if col in ("model", "protocol") else "right", no_wrap=col == "model")
+        table.add_column(col, justify="left" if col in ("model", "protocol") else "right", no_wrap=col in ("model", "protocol"))
     for r in rows:
         table.add_row(r["model"], r["protocol"], str(r["views"]), f"{r['top1_err']:.2f}", f"{r['top5_err']:.2f}", str(r["images"]))
     return table
@@ -109,7 +119,7 @@ def ensemble(files: list[str], weights: Optional[list[float]] = None, output: Op
     protocols = sorted({r["protocol"] for r in results})
     label = "ensemble" + ("" if len(set(weights)) == 1 else f" (weights {','.join(f'{w:g}' for w in weights)})")
     rows.append({"model": f"{label} of {len(files)}", "protocol": "+".join(protocols), "views": sum(r["views"] for r in results), **topk_accuracy(mean, labels)})
-    Console().print(results_table(rows, "Single models and their ensemble (errors in %)"))
+    console().print(results_table(rows, "Single models and their ensemble (errors in %)"))
     if output:
         out = Path(output)
         if out.suffix == ".json":
@@ -117,5 +127,5 @@ def ensemble(files: list[str], weights: Optional[list[float]] = None, output: Op
         _atomic_write(out, lambda p: p.write_text(markdown_table(rows)))
         record = {"files": [str(f) for f in files], "weights": weights, "rows": rows}
         _atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
-        Console().print(f"wrote {out} and {out.with_suffix('.json')}")
+        console().print(f"wrote {out} and {out.with_suffix('.json')}")
     return {"rows": rows, "probs": mean}
