@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -21,8 +22,10 @@ DEMO_CLASSES = {
 }
 
 
-def _draw(kind: str, rng: np.random.Generator) -> np.ndarray:
+def _draw(kind: str, rng: np.random.Generator, size: Optional[tuple[int, int]] = None) -> np.ndarray:
     h, w = int(rng.integers(96, 193)), int(rng.integers(96, 257))
+    if size is not None:
+        w, h = size
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
     period = rng.uniform(10, 26)
     phase = rng.uniform(0, 2 * np.pi)
@@ -54,7 +57,13 @@ def _draw(kind: str, rng: np.random.Generator) -> np.ndarray:
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_demo_dataset(dst: str | Path, train_per_class: int = 160, val_per_class: int = 40, seed: int = 0) -> Path:
+def write_demo_dataset(
+    dst: str | Path,
+    train_per_class: int = 160,
+    val_per_class: int = 40,
+    seed: int = 0,
+    image_size: Optional[tuple[int, int]] = None,
+) -> Path:
     """Write the demo dataset into `dst` (once: an existing complete copy with the same spec is kept).
 
     Args:
@@ -62,9 +71,13 @@ def write_demo_dataset(dst: str | Path, train_per_class: int = 160, val_per_clas
         train_per_class: training images per class.
         val_per_class: validation images per class.
         seed: seed of the drawing; the same spec gives the same bytes.
+        image_size: (width, height) of every image, e.g. [500, 375] for ImageNet-sized JPEGs in benchmarks;
+            None = varied sizes of 96-256 pixels.
     """
     dst = Path(dst)
     spec = {"classes": DEMO_CLASSES, "train_per_class": train_per_class, "val_per_class": val_per_class, "seed": seed}
+    if image_size is not None:
+        spec["image_size"] = list(image_size)
     marker = dst / "demo_spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return dst
@@ -77,7 +90,7 @@ def write_demo_dataset(dst: str | Path, train_per_class: int = 160, val_per_clas
             for i in range(count):
                 rng = np.random.default_rng([seed, c, offset + i])
                 name = f"{wnid}_{i + 1}.JPEG" if split == "train" else f"ILSVRC2012_val_{c * count + i + 1:08d}.JPEG"
-                Image.fromarray(_draw(kind, rng)).save(folder / name, "JPEG", quality=90)
+                Image.fromarray(_draw(kind, rng, image_size)).save(folder / name, "JPEG", quality=90)
     (tmp / "synsets.txt").write_text("".join(f"{w} {n}\n" for w, n in DEMO_CLASSES.items()))
     (tmp / "demo_spec.json").write_text(json.dumps(spec))
     shutil.rmtree(dst, ignore_errors=True)

@@ -63,6 +63,12 @@ def prepare_main(args: list[str]) -> None:
     auto_cli({"demo": write_demo_dataset}, args=args, as_positional=False)
 
 
+def bench_main(args: list[str]) -> None:
+    from train.bench import bench_eval  # only this command needs it
+
+    auto_cli({"eval": bench_eval}, args=args, as_positional=False)
+
+
 def ensemble_main(args: list[str]) -> None:
     parser = ArgumentParser(prog="resnet ensemble", description=ensemble.__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="result files of `resnet evaluate --output`")
@@ -95,7 +101,7 @@ def main(args: Optional[list[str]] = None) -> None:
     # Lightning 2.6 calling torch APIs that torch 2.14 deprecates: noise in every run, nothing for users to fix.
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|all_gather is deprecated)")
     argv = sys.argv[1:] if args is None else args
-    commands = {"prepare": prepare_main, "evaluate": evaluate_main, "ensemble": ensemble_main}
+    commands = {"prepare": prepare_main, "evaluate": evaluate_main, "ensemble": ensemble_main, "bench": bench_main}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     build_cli(args)

@@ -29,7 +29,7 @@ from train.weights import LoadedModel, load_checkpoint, load_weights
 # stays at a few GiB.
 DEFAULT_MAX_PIXELS = 256 * 224 * 224
 # The Trainer options that matter to an evaluation (the rest are about training).
-TRAINER_OPTIONS = {"accelerator", "strategy", "devices", "num_nodes", "precision", "plugins", "limit_test_batches", "enable_progress_bar"}
+TRAINER_OPTIONS = {"accelerator", "strategy", "devices", "num_nodes", "precision", "plugins", "enable_progress_bar"}
 
 
 class ViewAveraging(pl.LightningModule):
@@ -66,26 +66,28 @@ class ViewAveraging(pl.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._probs, self._labels, self._indices = [], [], []
-        self._t_first, self._images_after_first = None, 0
+        self._t_start, self._t_first, self._images = time.perf_counter(), None, [0, 0]
 
     def test_step(self, batch: ViewBatch, batch_idx: int) -> None:
         groups, labels, indices = batch
         self._probs.append(self.average_views(groups, labels.numel()).half())
         self._labels.append(labels)
         self._indices.append(indices)
+        self._images[0] += labels.numel()
         if self._t_first is None:  # throughput after the first batch: loader start-up and warm-up excluded
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self._t_first = time.perf_counter()
         else:
-            self._images_after_first += labels.numel()
+            self._images[1] += labels.numel()
 
     def on_test_epoch_end(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - (self._t_first or time.perf_counter())
-        images_after_first = self.trainer.strategy.reduce(torch.tensor(float(self._images_after_first), device=self.device), reduce_op="sum")
-        self.images_per_sec = images_after_first.item() / elapsed if elapsed > 0 else float("nan")
+        now = time.perf_counter()
+        images, after_first = self.trainer.strategy.reduce(torch.tensor(self._images, dtype=torch.float64, device=self.device), reduce_op="sum").tolist()
+        # One batch only: the whole loop, start-up included, is all there is to time.
+        self.images_per_sec = after_first / (now - self._t_first) if after_first else images / (now - self._t_start)
         probs = torch.cat(self._probs) if self._probs else torch.zeros(0, self.num_classes, device=self.device, dtype=torch.half)
         labels = torch.cat(self._labels) if self._labels else torch.zeros(0, dtype=torch.long, device=self.device)
         indices = torch.cat(self._indices) if self._indices else torch.zeros(0, dtype=torch.long, device=self.device)
