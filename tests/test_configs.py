@@ -6,20 +6,38 @@ import yaml
 from datamodules import ImageNetDataModule
 from tests.conftest import REPO, RESNET, run_resnet
 from train.cli import build_cli
+from train.evaluate import evaluate_parser
 from train.model import ImageNetClassifier
 from train.optim import scaled_lr
 
-CONFIGS = sorted((REPO / "configs").glob("**/*.yaml"))
+# Training recipes; a per-model delta is used on top of its base (`--config base --config delta`).
+BASES = {"demo_r34.yaml": "demo.yaml"}
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+EVAL_CONFIGS = sorted((REPO / "configs/eval").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_parses_and_instantiates(config, tmp_path):
-    cli = build_cli(["--config", str(config), "--trainer.default_root_dir", str(tmp_path)], run=False)
+    chain = [REPO / "configs" / BASES[config.name], config] if config.name in BASES else [config]
+    args = [a for c in chain for a in ("--config", str(c))]
+    cli = build_cli([*args, "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert isinstance(cli.model, ImageNetClassifier) and isinstance(cli.datamodule, ImageNetDataModule)
     # The model's lr scales with the global batch that only the data config sets.
     assert cli.model.hparams.batch_size == cli.datamodule.batch_size
-    assert cli.trainer.max_epochs == yaml.safe_load(config.read_text())["trainer"]["max_epochs"]
+    merged = {}
+    for c in chain:
+        merged.update(yaml.safe_load(c.read_text())["trainer"])
+    assert cli.trainer.max_epochs == merged["max_epochs"]
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+    if config.name == "demo_r34.yaml":
+        assert cli.model.hparams.arch == "resnet34" and cli.model.hparams.lr_per_256 == 0.4
+
+
+@pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_eval_config_parses(config):
+    cfg = evaluate_parser().parse_args(["--config", str(config), "--ckpt", "x.ckpt", "--protocol", "multiscale"])
+    assert cfg.data.root and cfg.protocol == "multiscale"
+    assert cfg.crop_size <= cfg.resize_size and len(cfg.scales) == 5 and min(cfg.scales) == cfg.crop_size
 
 
 @pytest.mark.parametrize("n", [50, 101, 152])

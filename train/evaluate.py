@@ -24,10 +24,10 @@ from train.callbacks import git_commit
 from train.results import console as results_console, save_result, topk_accuracy
 from train.weights import LoadedModel, load_checkpoint, load_weights
 
-# Views through the network per forward, in pixels: 256 views of 224x224 (~12.8M pixels), e.g. 25 images x 10
-# crops, or about 11 images at 640x853 with their flips; peak activation memory of a ResNet-50 forward in bf16
-# stays at a few GiB.
-DEFAULT_MAX_PIXELS = 256 * 224 * 224
+# Views through the network per forward, in pixels: 640 views of 224x224 (~32M pixels), i.e. the default batch
+# of 64 images x 10 crops in one forward, or ~58 views of 640x853 at multiscale's largest scale. ResNet-50 in
+# bf16: ~1 GiB per activation tensor of the first stages, a few GiB at peak.
+DEFAULT_MAX_PIXELS = 640 * 224 * 224
 # The Trainer options that matter to an evaluation (the rest are about training).
 TRAINER_OPTIONS = {"accelerator", "strategy", "devices", "num_nodes", "precision", "plugins", "enable_progress_bar"}
 
@@ -205,13 +205,18 @@ def print_result(result: dict, output: Optional[str]) -> None:
         console.print(f"wrote {output} and {Path(output).with_suffix('.json')}")
 
 
-def evaluate_main(args: list[str]) -> None:
+def evaluate_parser() -> LightningArgumentParser:
     parser = LightningArgumentParser(prog="resnet evaluate", description=evaluate.__doc__.split("\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="yaml file with any of the options below")
     parser.add_function_arguments(evaluate, skip={"data", "trainer"})
     parser.add_class_arguments(EvalDataModule, "data", skip={"views", "classes"})
     parser.add_class_arguments(pl.Trainer, "trainer", skip=set(inspect.signature(pl.Trainer).parameters) - TRAINER_OPTIONS)
     parser.set_defaults({"trainer.precision": None})
+    return parser
+
+
+def evaluate_main(args: list[str]) -> None:
+    parser = evaluate_parser()
     cfg = parser.parse_args(args)
     options = cfg.as_dict()
     options.pop("config", None)
