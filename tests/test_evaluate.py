@@ -186,8 +186,12 @@ def test_ensemble_rejects_mismatched_files_naming_both(tmp_path):
     d = save_result(tmp_path / "d.pt", other_labels)
     with pytest.raises(ValueError, match=f"{a} and {d} use different label sets"):
         ensemble([str(a), str(d)])
-    with pytest.raises(ValueError, match="expected 2 non-negative numbers"):
-        ensemble([str(a), str(a)], weights=[1.0])
+    for weights in ([1.0], [float("nan"), 1.0], [0.0, 0.0]):
+        with pytest.raises(ValueError, match="expected 2 non-negative numbers"):
+            ensemble([str(a), str(a)], weights=weights)
+    torch.save({**base, "probs": base["probs"][:, :5]}, tmp_path / "narrow.pt")
+    with pytest.raises(ValueError, match=r"narrow.pt: probs \(10, 5\) / labels \(10,\) do not match 10 ids x 6 classes"):
+        ensemble([str(a), str(tmp_path / "narrow.pt")])
     (tmp_path / "junk.pt").write_bytes(b"not a result")
     proc = run_resnet("ensemble", str(a), str(tmp_path / "junk.pt"), expect_rc=2)
     assert "junk.pt" in proc.stderr
@@ -240,26 +244,43 @@ def test_evaluate_reports_bad_input_clearly(demo_root, demo_ckpt, demo_copy, tmp
         save_result(tmp_path / "r.json", {})
     (demo_copy / "val/n12345678").mkdir()
     shutil.copy(demo_root / "val/n90000001/ILSVRC2012_val_00000001.JPEG", demo_copy / "val/n12345678/x.JPEG")
+    with pytest.raises(ValueError, match="evaluate it with --ckpt"):
+        evaluate(weights=str(demo_ckpt), data={"root": str(demo_root)})
+    with pytest.raises(ValueError, match="ddp_spawn: spawned processes cannot hand the result back"):
+        evaluate(ckpt=str(demo_ckpt), data={"root": str(demo_root), "num_workers": 0},
+                 trainer={"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"})
     proc = run_resnet(*eval_args(demo_copy, "--ckpt", str(demo_ckpt)), expect_rc=2)  # as a user sees it
     assert "val/n12345678: class 'n12345678' is not among the 6 train classes" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
+def test_labels_follow_the_checkpoint_classes_and_any_precision_runs(demo_copy, demo_ckpt):
+    shutil.rmtree(demo_copy / "train")
+    shutil.rmtree(demo_copy / "val/n90000001")  # a val subset: the sorted folders would shift every label by one
+    args = dict(crop_size=32, resize_size=36, data={"root": str(demo_copy), "num_workers": 0, "batch_size": 25})
+    fp32 = evaluate(ckpt=str(demo_ckpt), trainer={"accelerator": "cpu", "enable_progress_bar": False}, **args)
+    assert fp32["images"] == 25 and fp32["labels"].tolist() == [1 + i // 5 for i in range(25)]
+    assert fp32["classes"][0] == "n90000001" and len(fp32["classes"]) == 6
+    bf16 = evaluate(ckpt=str(demo_ckpt), trainer={"accelerator": "cpu", "precision": "bf16-true", "enable_progress_bar": False}, **args)
+    assert torch.allclose(bf16["probs"].float(), fp32["probs"].float(), atol=0.05)  # bfloat16 weights: ~3 digits
+
+
 @pytest.mark.slow
 def test_two_process_evaluation_saves_what_one_process_saves(demo_copy, demo_ckpt, tmp_path):
     next(iter(sorted((demo_copy / "val/n90000002").iterdir()))).unlink()  # 29 images: odd, and not / batch 8
-    outputs = {}
-    for devices in (1, 2):
-        out = tmp_path / f"world{devices}.pt"
-        run_resnet(*eval_args(demo_copy, "--ckpt", str(demo_ckpt), "--protocol", "10crop", "--output", str(out),
-                              "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices == 2 else "auto"))
-        outputs[devices] = torch.load(out, weights_only=True)
-    one, two = outputs[1], outputs[2]
-    assert two["world_size"] == 2 and one["world_size"] == 1
-    assert two["ids"] == one["ids"] and len(one["ids"]) == 29 and len(set(two["ids"])) == 29
-    assert torch.equal(two["labels"], one["labels"])
-    assert torch.allclose(two["probs"].float(), one["probs"].float(), atol=1e-3)  # within float16
-    assert two["acc1"] == one["acc1"] and two["acc5"] == one["acc5"]
+    for protocol in ("10crop", "multiscale"):  # one batch of 10 x B; size groups that differ between ranks
+        outputs = {}
+        for devices in (1, 2):
+            out = tmp_path / f"{protocol}_world{devices}.pt"
+            run_resnet(*eval_args(demo_copy, "--ckpt", str(demo_ckpt), "--protocol", protocol, "--output", str(out),
+                                  "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices == 2 else "auto"))
+            outputs[devices] = torch.load(out, weights_only=True)
+        one, two = outputs[1], outputs[2]
+        assert two["world_size"] == 2 and one["world_size"] == 1
+        assert two["ids"] == one["ids"] and len(one["ids"]) == 29 and len(set(two["ids"])) == 29
+        assert torch.equal(two["labels"], one["labels"])
+        assert torch.allclose(two["probs"].float(), one["probs"].float(), atol=1e-3)  # within float16
+        assert two["acc1"] == one["acc1"] and two["acc5"] == one["acc5"]
 
 
 def write_imagenet_val(root: Path, per_class: int = 1) -> Path:
@@ -296,7 +317,8 @@ def test_torchvision_weights_by_name_from_the_download_cache(tmp_path, monkeypat
         "--data.num_workers", "0", "--crop_size", "32", "--resize_size", "36", "--trainer.accelerator", "cpu",
         "--trainer.enable_progress_bar", "false", "--output", str(out), env={"TORCH_HOME": str(tmp_path / "torch_home")},
     )
-    assert "published (torchvision, center crop): acc1 69.758" in proc.stdout
+    assert "published (torchvision, center crop, resize 256): acc1 69.758" in proc.stdout
+    assert "add --resize_size 256 to match it" in proc.stdout
     result = torch.load(out, weights_only=True)
     assert result["probs"].shape == (1000, 1000) and result["labels"].tolist() == list(range(1000))
     # The center protocol is torchvision's: resize, centre crop, normalise, softmax, image by image.
@@ -310,6 +332,11 @@ def test_torchvision_weights_by_name_from_the_download_cache(tmp_path, monkeypat
     proc = run_resnet("evaluate", "--weights", "torchvision:resnet18.IMAGENET1K_V1", "--data.root", str(REPO / "tests"),
                       env={"TORCH_HOME": str(tmp_path / "torch_home")}, expect_rc=2)
     assert "tests/val: missing" in proc.stderr
+    # Folders named otherwise than by wnid would sort into another class order: refused, not mis-scored.
+    for c in range(1000):
+        (root / "val" / f"n{c:08d}").rename(root / "val" / str(c))
+    with pytest.raises(ValueError, match=r"index the 1000 WordNet ids .* has class folders \['0', '1', '10'\]"):
+        evaluate(weights="torchvision:resnet18.IMAGENET1K_V1", data={"root": str(root)}, trainer={"accelerator": "cpu"})
 
 
 def test_state_dict_files_load_with_their_depth_inferred(tmp_path):
@@ -322,6 +349,9 @@ def test_state_dict_files_load_with_their_depth_inferred(tmp_path):
     assert loaded.arch == "resnet34" and loaded.net.fc.out_features == 10 and loaded.classes is None
     with pytest.raises(FileNotFoundError, match="no such file"):
         load_weights(str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="--weights .*junk.pth: cannot read it"):
+        load_weights(str(tmp_path / "junk.pth"))
 
 
 def test_a_checkpoint_refuses_a_dataset_with_other_classes(demo_root):

@@ -4,8 +4,10 @@ on 1 or N processes with identical numbers; saves per-image probabilities for `r
 from __future__ import annotations
 
 import datetime
+import hashlib
 import inspect
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import ActionConfigFile, Namespace
 from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from rich.table import Table
 from torch import nn
 
@@ -52,17 +55,30 @@ class ViewAveraging(pl.LightningModule):
     def average_views(self, groups: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int) -> torch.Tensor:
         """[batch_size, classes] float32: the mean softmax over each image's views. Same-size views go through
         the network together, `max_pixels_per_forward` at a time."""
-        total = torch.zeros(batch_size, self.num_classes, device=self.device)
-        counts = torch.zeros(batch_size, device=self.device)
+        total = torch.zeros(batch_size, self.num_classes, device=self.device, dtype=torch.float32)
+        counts = torch.zeros(batch_size, device=self.device, dtype=torch.float32)
+        dtype = next(self.net.parameters()).dtype
         for views, owners in groups:
             per_forward = max(1, self.max_pixels_per_forward // (views.shape[-2] * views.shape[-1]))
             for chunk, chunk_owners in zip(views.split(per_forward), owners.split(per_forward)):
-                x = normalize_batch(chunk)
+                x = normalize_batch(chunk).to(dtype)  # bf16-true / 16-true: inputs in the weights' dtype
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 total.index_add_(0, chunk_owners, self.net(x).float().softmax(dim=1))
             counts.index_add_(0, owners, torch.ones_like(owners, dtype=counts.dtype))
         return total / counts[:, None]
+
+    def on_test_start(self) -> None:
+        # Every rank scans its own file system (node-local copies of val/ are common): a rank missing a file
+        # would pair probabilities with the wrong ids, or hang on unequal batch counts.
+        samples = self.trainer.datamodule.dataset.samples
+        ids = "\n".join(f"{Path(path).name} {label}" for path, label in samples).encode()
+        digest = torch.tensor(int(hashlib.sha1(ids).hexdigest()[:15], 16), device=self.device)
+        if not bool((self.all_gather(digest) == digest).all()):
+            raise ValueError(
+                f"the ranks see different image lists under {self.trainer.datamodule.root} "
+                f"(this rank: {len(samples)} images); every node needs the same val/ folder"
+            )
 
     def on_test_epoch_start(self) -> None:
         self._probs, self._labels, self._indices = [], [], []
@@ -70,7 +86,7 @@ class ViewAveraging(pl.LightningModule):
 
     def test_step(self, batch: ViewBatch, batch_idx: int) -> None:
         groups, labels, indices = batch
-        self._probs.append(self.average_views(groups, labels.numel()).half())
+        self._probs.append(self.average_views(groups, labels.numel()))
         self._labels.append(labels)
         self._indices.append(indices)
         self._images[0] += labels.numel()
@@ -84,11 +100,12 @@ class ViewAveraging(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.trainer.strategy.barrier()  # the slowest rank's time: all images are done only then
         now = time.perf_counter()
         images, after_first = self.trainer.strategy.reduce(torch.tensor(self._images, dtype=torch.float64, device=self.device), reduce_op="sum").tolist()
         # One batch only: the whole loop, start-up included, is all there is to time.
         self.images_per_sec = after_first / (now - self._t_first) if after_first else images / (now - self._t_start)
-        probs = torch.cat(self._probs) if self._probs else torch.zeros(0, self.num_classes, device=self.device, dtype=torch.half)
+        probs = torch.cat(self._probs) if self._probs else torch.zeros(0, self.num_classes, device=self.device, dtype=torch.float32)
         labels = torch.cat(self._labels) if self._labels else torch.zeros(0, dtype=torch.long, device=self.device)
         indices = torch.cat(self._indices) if self._indices else torch.zeros(0, dtype=torch.long, device=self.device)
         # all_gather needs equal shapes: pad every rank's shard to the longest (index -1 marks padding).
@@ -136,8 +153,8 @@ def evaluate(
         protocol: `center` (1 crop), `10crop` (corners + centre, and flips) or `multiscale` (fully convolutional).
         scales: multiscale shorter sides, e.g. 224,256,384,480,640 (He et al. 2015, Table 4).
         crop_size: center and 10crop crop side.
-        resize_size: center and 10crop shorter side before cropping; None = the weights' own (torchvision V2:
-            232 for ResNet-50) or 256.
+        resize_size: center and 10crop shorter side before cropping; None = 256 (torchvision's V2 weights
+            were published with 232 for ResNet-50: pass it to reproduce their number).
         flip: multiscale: also the mirrored image at every scale.
         output: result file (.pt: per-image float16 probabilities, labels, ids, metrics); a .json of the
             metrics is written beside it.
@@ -148,7 +165,7 @@ def evaluate(
         raise ValueError("give exactly one of --ckpt PATH or --weights torchvision:<arch>.<weights>|FILE")
     loaded: LoadedModel = load_checkpoint(ckpt) if ckpt else load_weights(weights)
     views = EvalViews(
-        protocol, crop_size=crop_size, resize_size=resize_size or loaded.resize_size or 256,
+        protocol, crop_size=crop_size, resize_size=resize_size or 256,
         scales=_parse_scales(scales), flip=flip,
     )
     datamodule = EvalDataModule(**(data or {}), views=views, classes=loaded.classes)
@@ -162,6 +179,11 @@ def evaluate(
     # Lightning's start-up chatter (accelerators, tips) would bury the one table this command prints.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     runner = pl.Trainer(**trainer_args)
+    if isinstance(runner.strategy.launcher, _MultiProcessingLauncher):
+        raise ValueError(
+            f"--trainer.strategy {trainer_args.get('strategy')}: spawned processes cannot hand the result back; "
+            "use ddp (or launch one process per device with srun/torchrun)"
+        )
     datamodule.trainer = runner  # setup() below reads the world size
     datamodule.setup("test")
     if len(datamodule.classes) != module.num_classes:
@@ -169,19 +191,26 @@ def evaluate(
             f"{loaded.name} predicts {module.num_classes} classes but {datamodule.root} gives {len(datamodule.classes)} "
             f"({'its sorted class folders' if loaded.classes is None else 'the checkpoint'}): another dataset?"
         )
+    if loaded.classes is None and module.num_classes == 1000 and not all(re.fullmatch(r"n\d{8}", c) for c in datamodule.classes):
+        odd = [c for c in datamodule.classes if not re.fullmatch(r"n\d{8}", c)][:3]
+        raise ValueError(
+            f"{loaded.name}: ImageNet-1k weights index the 1000 WordNet ids (n01440764, ...) in sorted order, but "
+            f"{datamodule.root} has class folders {odd}: name the folders by their wnids (see README, ImageNet layout)"
+        )
     runner.test(module, datamodule=datamodule, verbose=False)
     if not runner.is_global_zero:
         return None
     res = module.result
     if not torch.equal(res["indices"], torch.arange(len(datamodule.dataset))):
         raise RuntimeError(f"evaluation saw {len(res['indices'])} images (with repeats or gaps), expected each of {len(datamodule.dataset)} once")
-    metrics = topk_accuracy(res["probs"], res["labels"])
+    metrics = topk_accuracy(res["probs"], res["labels"])  # float32: no float16 ties decide a number
     result = {
         "model": loaded.name, "source": ckpt or weights, "arch": loaded.arch, "protocol": protocol, "views": views.views_per_image,
         "views_detail": views.describe(), **metrics, "images_per_sec": module.images_per_sec,
         "precision": str(trainer_args["precision"]), "world_size": runner.world_size, "published": loaded.published,
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
-        "ids": datamodule.ids, "labels": res["labels"], "classes": datamodule.classes, "probs": res["probs"],
+        "ids": datamodule.ids, "labels": res["labels"], "classes": datamodule.classes, "probs": res["probs"].half(),
+        "resize_size": views.resize_size, "crop_size": views.crop_size, "scales": list(views.scales),
     }
     print_result(result, output)
     if output:
@@ -200,7 +229,10 @@ def print_result(result: dict, output: Optional[str]) -> None:
     console = results_console()
     console.print(table)
     if result["published"]:
-        console.print(f"published (torchvision, center crop): acc1 {result['published']['acc@1']}, acc5 {result['published']['acc@5']}")
+        pub = result["published"]
+        console.print(f"published (torchvision, center crop, resize {pub['resize_size']}): acc1 {pub['acc@1']}, acc5 {pub['acc@5']}")
+        if result["protocol"] != "multiscale" and pub["resize_size"] != result["resize_size"]:
+            console.print(f"torchvision's number used resize {pub['resize_size']}: add --resize_size {pub['resize_size']} to match it")
     if output:
         console.print(f"wrote {output} and {Path(output).with_suffix('.json')}")
 

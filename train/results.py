@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ def load_result(path: str | Path) -> dict:
     missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
     if missing:
         raise ValueError(f"{path}: not a `resnet evaluate` result file (missing {', '.join(missing)})")
+    expected = (len(result["ids"]), len(result["classes"]))
+    if tuple(result["probs"].shape) != expected or result["labels"].shape != (expected[0],):
+        raise ValueError(f"{path}: probs {tuple(result['probs'].shape)} / labels {tuple(result['labels'].shape)} do not match {expected[0]} ids x {expected[1]} classes")
     return result
 
 
@@ -109,12 +113,19 @@ def ensemble(files: list[str], weights: Optional[list[float]] = None, output: Op
     if len(files) < 2:
         raise ValueError(f"an ensemble needs at least two result files, got {len(files)}")
     weights = [1.0] * len(files) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(files) or min(weights) < 0 or sum(weights) <= 0:
+    if len(weights) != len(files) or not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--weights {weights}: expected {len(files)} non-negative numbers, not all 0")
     results = [load_result(f) for f in files]
     check_compatible(files, results)
     labels = results[0]["labels"]
-    rows = [{"model": r["model"], "protocol": r["protocol"], "views": r["views"], **topk_accuracy(r["probs"], labels)} for r in results]
+    # A model's own row: the numbers `resnet evaluate` computed in float32 and saved (the file's float16
+    # probabilities can tie where float32 did not); the ensemble's: from the saved float16 probabilities.
+    metric_keys = ("images", "acc1", "top1_err", "acc5", "top5_err")
+    rows = [
+        {"model": r["model"], "protocol": r["protocol"], "views": r["views"],
+         **({k: r[k] for k in metric_keys} if all(k in r for k in metric_keys) else topk_accuracy(r["probs"], labels))}
+        for r in results
+    ]
     mean = sum(w * r["probs"].float() for w, r in zip(weights, results)) / sum(weights)
     protocols = sorted({r["protocol"] for r in results})
     label = "ensemble" + ("" if len(set(weights)) == 1 else f" (weights {','.join(f'{w:g}' for w in weights)})")

@@ -30,7 +30,7 @@ class LoadedModel:
     arch: str
     name: str  # what the results table shows: the checkpoint path or the weights' name
     classes: Optional[list[str]]  # output order by class name; None = sorted folder names of the data
-    resize_size: Optional[int] = None  # the weights' own evaluation resize (torchvision V2: 232 for ResNet-50)
+    resize_size: Optional[int] = None  # the resize of the weights' published number (torchvision V2 R50: 232)
     published: dict = field(default_factory=dict)  # the weights' published single-crop acc@1/acc@5
 
 
@@ -53,12 +53,20 @@ def _net_from_state(state: dict[str, torch.Tensor], arch: str, source: str) -> n
     return net
 
 
+def _load(path: str, option: str, weights_only: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # torch reports a bad file as pickle, zip, struct or runtime errors alike
+        hint = " (a Lightning checkpoint? evaluate it with --ckpt)" if option == "--weights" else ""
+        raise ValueError(f"{option} {path}: cannot read it{hint} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
 def load_checkpoint(path: str) -> LoadedModel:
     """The network of a `resnet fit` checkpoint, with the class names it was trained on."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt {path}: no such file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own file: hparams hold plain Python
-    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+    ckpt = _load(path, "--ckpt", weights_only=False)  # our own file: hparams hold plain Python
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"--ckpt {path}: not a Lightning checkpoint of `resnet fit` (no state_dict/hyper_parameters)")
     hp = ckpt["hyper_parameters"]
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
@@ -74,7 +82,11 @@ def load_weights(spec: str) -> LoadedModel:
     if not spec.startswith("torchvision:"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"--weights {spec}: no such file (or use torchvision:<arch>.<weights>, e.g. torchvision:resnet50.IMAGENET1K_V2)")
-        state = torch.load(spec, map_location="cpu", weights_only=True)
+        state = _load(spec, "--weights", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
+            raise ValueError(f"--weights {spec}: a Lightning checkpoint; evaluate it with --ckpt {spec}")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"--weights {spec}: not a state dict of tensors (a torchvision-format .pth file)")
         arch = infer_arch(state)
         return LoadedModel(_net_from_state(state, arch, spec), arch, f"{arch} ({Path(spec).name})", None)
     arch, _, tag = spec.removeprefix("torchvision:").partition(".")
@@ -96,5 +108,6 @@ def load_weights(spec: str) -> LoadedModel:
     transforms = weights.transforms()
     return LoadedModel(
         net, arch, f"{arch} {weights.name} (torchvision)", None,
-        resize_size=transforms.resize_size[0], published=weights.meta["_metrics"]["ImageNet-1K"],
+        resize_size=transforms.resize_size[0],
+        published={**weights.meta["_metrics"]["ImageNet-1K"], "resize_size": transforms.resize_size[0]},
     )
