@@ -9,10 +9,13 @@ DEMO_EVAL := runs/demo_eval
 .PHONY: setup demo test clean
 
 # torch/torchvision: pip takes 2.14.1/0.29.1 from this machine's disk; pyproject admits them.
+# FFCV builds against system libraries: installed from Debian when missing (CI runs as root).
 $(BIN)/resnet: pyproject.toml
+	pkg-config --exists libturbojpeg opencv4 2>/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pkg-config libturbojpeg0-dev libopencv-dev; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,dali,ffcv]"
 	touch $@
 
 setup: $(BIN)/resnet

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 import os
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -58,6 +59,36 @@ def trainer_world(trainer: Optional[pl.Trainer]) -> tuple[int, int]:
     return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
 
+def equal_count_batch_size(num_samples: int, world_size: int, batch_size: int) -> int:
+    """The largest batch size <= `batch_size` that gives every rank's strided shard (sizes differ by at most one)
+    the same number of batches, for loaders that cannot vary their batch size (DDP needs equal counts)."""
+    small, large = num_samples // world_size, math.ceil(num_samples / world_size)
+    for b in range(batch_size, 0, -1):
+        if math.ceil(small / b) == math.ceil(large / b):
+            return b
+    return 1
+
+
+@dataclass
+class LoaderSpec:
+    """What every backend's loader builder gets: this rank's view of one split and the augmentation settings.
+    Loaders yield (images, labels): images NCHW, either uint8 (normalised on the device by the DataModule) or
+    float already normalised with IMAGENET_MEAN/STD; labels int64 of shape (N,)."""
+
+    samples: list[tuple[str, int]]  # the whole split, (path, label), sorted; labels index the sorted classes
+    rank: int
+    world_size: int
+    batch_size: int  # per device
+    num_workers: int
+    seed: int
+    crop_size: int
+    val_resize_size: int
+    scale: tuple[float, float]  # RandomResizedCrop area range
+    ratio: tuple[float, float]  # RandomResizedCrop aspect-ratio range (3/4, 4/3)
+    hflip: bool
+    device: torch.device  # where the model runs (cuda:N or cpu)
+
+
 class ImageNetDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -74,6 +105,11 @@ class ImageNetDataModule(pl.LightningDataModule):
         max_corrupt_train_images: int = 16,
         pin_memory: bool = True,
         seed: int = 0,
+        backend: Literal["torchvision", "dali", "ffcv"] = "torchvision",
+        dali_device: Literal["auto", "cpu", "gpu"] = "auto",
+        ffcv_dir: Optional[str] = None,
+        ffcv_order: Literal["random", "quasi_random"] = "random",
+        ffcv_os_cache: bool = True,
     ):
         """
         Args:
@@ -91,6 +127,14 @@ class ImageNetDataModule(pl.LightningDataModule):
                 loader worker before the run stops; validation never skips one.
             pin_memory: page-locked host batches for faster copies to the GPU.
             seed: seed of the training shuffle (same on every rank, reshuffled each epoch).
+            backend: the loader: `torchvision` (DataLoader, the reference), `dali` (NVIDIA DALI) or `ffcv`
+                (.beton files written by `resnet prepare ffcv`); same crops, labels and sharding.
+            dali_device: `gpu` decodes with nvJPEG and augments on the GPU, `cpu` runs the same pipeline on
+                CPU threads; `auto` = gpu when the model runs on one.
+            ffcv_dir: folder with `train.beton` and `val.beton`; None = `<root>/ffcv`.
+            ffcv_order: training order: `random` (a full shuffle) or `quasi_random` (shuffles within
+                memory-sized chunks: for datasets larger than RAM; one process only).
+            ffcv_os_cache: let the OS page cache hold the .beton (fits in RAM) instead of FFCV's own reads.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -128,6 +172,11 @@ class ImageNetDataModule(pl.LightningDataModule):
             self.classes = find_classes(val_dir)
         class_to_idx = {c: i for i, c in enumerate(self.classes)}
         hp = self.hparams
+        if hp.backend != "torchvision" and (hp.train_augmentation != "random_resized_crop" or hp.lighting_std > 0):
+            raise ValueError(
+                f"data.backend={hp.backend}: data.train_augmentation={hp.train_augmentation} / data.lighting_std="
+                f"{hp.lighting_std} exist in the torchvision backend only (use random_resized_crop, lighting_std 0)"
+            )
         if stage == "fit":
             self.train_set = ImageFolderDataset(
                 scan_split(train_dir, class_to_idx),
@@ -156,13 +205,44 @@ class ImageNetDataModule(pl.LightningDataModule):
             **kwargs,
         )
 
+    def _spec(self, samples: list[tuple[str, int]]) -> LoaderSpec:
+        rank, world = self._world()
+        hp = self.hparams
+        return LoaderSpec(
+            samples=samples, rank=rank, world_size=world, batch_size=self.per_device_batch_size,
+            num_workers=default_num_workers() if hp.num_workers is None else hp.num_workers, seed=hp.seed,
+            crop_size=hp.crop_size, val_resize_size=hp.val_resize_size, scale=tuple(hp.random_resized_crop_scale),
+            ratio=(3 / 4, 4 / 3), hflip=hp.hflip,
+            device=self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu"),
+        )
+
+    def _backend_loader(self, split: str):
+        hp = self.hparams
+        dataset = self.train_set if split == "train" else self.val_set
+        spec = self._spec(dataset.samples)
+        if hp.backend == "dali":
+            from datamodules import dali  # imported only when chosen: DALI is a large optional install
+
+            device = hp.dali_device if hp.dali_device != "auto" else ("gpu" if spec.device.type == "cuda" else "cpu")
+            return (dali.train_loader if split == "train" else dali.val_loader)(spec, device=device)
+        from datamodules import ffcv
+
+        beton = Path(hp.ffcv_dir or self.root / "ffcv") / f"{split}.beton"
+        if split == "train":
+            return ffcv.train_loader(spec, beton, order=hp.ffcv_order, os_cache=hp.ffcv_os_cache)
+        return ffcv.val_loader(spec, beton, os_cache=hp.ffcv_os_cache)
+
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.backend != "torchvision":
+            return self._backend_loader("train")
         rank, world = self._world()
         # Our own DistributedSampler (also on one rank): same shuffle for any world size; Lightning calls set_epoch.
         sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
         return self._loader(self.train_set, sampler=sampler, batch_size=self.per_device_batch_size, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.hparams.backend != "torchvision":
+            return self._backend_loader("val")
         rank, world = self._world()
         batches = EvalShardBatchSampler(len(self.val_set), self.per_device_batch_size, rank, world)
         return self._loader(self.val_set, batch_sampler=batches)
@@ -182,7 +262,9 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, labels = batch
-        return normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD), labels.long()
+        if images.dtype == torch.uint8:  # DALI and FFCV may deliver normalised floats already
+            images = normalize_batch(images, IMAGENET_MEAN, IMAGENET_STD)
+        return images, labels.long()
 
 
 __all__ = ["ImageNetDataModule", "EvalShardBatchSampler", "DatasetLayoutError"]
