@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -60,7 +61,13 @@ class ResNetCLI(LightningCLI):
 
 
 def prepare_main(args: list[str]) -> None:
-    auto_cli({"demo": write_demo_dataset}, args=args, as_positional=False)
+    # Imported here: FFCV and its numba JIT load only for the commands that use them.
+    from datamodules.ffcv import prepare_ffcv
+    from datamodules.prepare import prepare_imagenet
+
+    # `--train-tar` and `--train_tar` both work: option names are Python identifiers underneath.
+    args = [re.sub(r"^--[a-z0-9_-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in args]
+    auto_cli({"demo": write_demo_dataset, "imagenet": prepare_imagenet, "ffcv": prepare_ffcv}, args=args, as_positional=False)
 
 
 def bench_main(args: list[str]) -> None:
