@@ -66,3 +66,12 @@ def test_print_config_is_the_resolved_recipe():
     assert config["model"]["arch"] == "resnet152" and config["data"]["root"] == "/elsewhere"
     assert config["trainer"]["use_distributed_sampler"] is False
     assert config["checkpoint"]["monitor"] == "val/acc1"
+
+
+@pytest.mark.parametrize("data", sorted((REPO / "configs/data").glob("*.yaml")), ids=lambda p: p.name)
+def test_data_backend_configs_compose_with_the_recipes(data):
+    for n in (50, 101, 152):
+        cli = build_cli(["--config", str(REPO / f"configs/imagenet_r{n}.yaml"), "--data", str(data)], run=False)
+        hp = cli.datamodule.hparams
+        assert hp.backend == yaml.safe_load(data.read_text())["backend"]
+        assert hp.root == "/data/imagenet" and hp.batch_size == 256 and cli.model.hparams.arch == f"resnet{n}"

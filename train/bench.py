@@ -4,16 +4,202 @@ from __future__ import annotations
 
 import platform
 import tempfile
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
+import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from rich.table import Table
+from torchvision import datasets
+from torchvision import transforms as v1
 
 from datamodules.demo import write_demo_dataset
+from datamodules.imagenet import ImageNetDataModule
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.evaluate import evaluate
 from train.model import Arch, build_resnet
 from train.results import console
+
+Backend = Literal["torchvision", "dali", "ffcv", "pil"]
+
+
+def _device_name(accelerator: str = "auto") -> str:
+    if torch.cuda.is_available() and accelerator != "cpu":
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _time_batches(batches, warmup: int, count: int, on_batch=lambda b: b) -> float:
+    """Images/s over `count` batches after `warmup` ones (decode and augmentation are lazy: pull and touch)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        on_batch(next(it))
+    images, start = 0, time.perf_counter()
+    for _ in range(count):
+        try:
+            batch = on_batch(next(it))
+        except StopIteration:
+            break
+        images += batch[0].shape[0]
+    return images / (time.perf_counter() - start)
+
+
+def _pil_imagefolder(root: str, crop_size: int, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """The classic path: torchvision.datasets.ImageFolder, PIL decode, v1 transforms to normalised float."""
+    transform = v1.Compose([
+        v1.RandomResizedCrop(crop_size), v1.RandomHorizontalFlip(), v1.ToTensor(), v1.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    ])
+    dataset = datasets.ImageFolder(str(Path(root) / "train"), transform=transform)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                                       drop_last=True, persistent_workers=num_workers > 0)
+
+
+def bench_data(
+    root: Optional[str] = None,
+    backends: list[Backend] = ["pil", "torchvision", "dali", "ffcv"],
+    batch_size: int = 64,
+    num_workers: int = 2,
+    crop_size: int = 224,
+    warmup_batches: int = 10,
+    batches: int = 40,
+    ffcv_dir: Optional[str] = None,
+) -> list[dict]:
+    """Training-augmentation throughput of the loaders alone (RandomResizedCrop + flip + normalise, no model),
+    each backend on the same JPEGs in one run; `pil` is the classic ImageFolder + PIL path, for reference.
+
+    Args:
+        root: ImageNet-layout folder; None = generated ImageNet-sized JPEGs (500x375, quality 90) under .cache/.
+        backends: loaders to time, in order.
+        batch_size: images per batch.
+        num_workers: loader processes (torchvision, pil), threads (dali) or workers (ffcv).
+        crop_size: training crop side.
+        warmup_batches: batches pulled before timing (worker start-up; FFCV's numba JIT).
+        batches: batches timed.
+        ffcv_dir: folder with train.beton (`resnet prepare ffcv`); None = <root>/ffcv, written if missing.
+    """
+    if root is None:
+        n = (warmup_batches + batches + 1) * batch_size // 6 + 1
+        root = str(write_demo_dataset(f".cache/bench_500x375_train{n}", n, 1, image_size=(500, 375)))
+    rows = []
+    for backend in backends:
+        if backend == "pil":
+            loader, to_model = _pil_imagefolder(root, crop_size, batch_size, num_workers), lambda b: b
+        else:
+            if backend == "ffcv" and ffcv_dir is None and not (Path(root) / "ffcv/train.beton").is_file():
+                from datamodules.ffcv import prepare_ffcv
+
+                prepare_ffcv(root=root, dst=str(Path(root) / "ffcv"))
+            dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
+                                    backend="torchvision" if backend == "pil" else backend, ffcv_dir=ffcv_dir)
+            dm.setup("fit")
+            loader = dm.train_dataloader()
+            to_model = lambda b, dm=dm: dm.on_after_batch_transfer(b, 0)
+        rate = _time_batches(loader, warmup_batches, batches, to_model)
+        rows.append({"backend": backend, "images_per_sec": rate})
+        del loader
+    table = Table(title=f"Loader throughput: RandomResizedCrop {crop_size} + flip + normalise, batch {batch_size}, "
+                        f"{num_workers} workers, {_device_name('cpu')}")
+    table.add_column("backend")
+    table.add_column("images/s", justify="right")
+    table.add_column("vs pil", justify="right")
+    pil = next((r["images_per_sec"] for r in rows if r["backend"] == "pil"), None)
+    for r in rows:
+        table.add_row(r["backend"], f"{r['images_per_sec']:.0f}", f"{r['images_per_sec'] / pil:.2f}x" if pil else "")
+    console().print(table)
+    return rows
+
+
+def bench_model(
+    arch: Arch = "resnet50",
+    batch_size: int = 256,
+    crop_size: int = 224,
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "bf16-mixed",
+    channels_last: bool = True,
+    steps: int = 20,
+    warmup_steps: int = 5,
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto",
+) -> float:
+    """Training-step images/s on synthetic tensors already on the device: the model's ceiling, no loader.
+
+    Args:
+        arch: network depth.
+        batch_size: images per step (one device).
+        crop_size: image side.
+        precision: `bf16-mixed`, `16-mixed` (GPU) or `32-true`.
+        channels_last: NHWC memory format.
+        steps: steps timed.
+        warmup_steps: steps before timing (cuDNN autotuning, allocator).
+        accelerator: `cpu`, `gpu` or `auto`.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = build_resnet(arch).to(device, memory_format=fmt)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(batch_size, 3, crop_size, crop_size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 1000, (batch_size,), device=device)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(enabled=precision == "16-mixed")
+    for i in range(warmup_steps + steps):
+        if i == warmup_steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = F.cross_entropy(net(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = steps * batch_size / (time.perf_counter() - start)
+    console().print(f"model ceiling: {arch}, batch {batch_size}, {crop_size}px, {precision}, "
+                    f"{'channels_last' if channels_last else 'NCHW'}, {_device_name(accelerator)}: {rate:.1f} images/s")
+    return rate
+
+
+class _StepTimer(pl.Callback):
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.images = warmup, None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        if trainer.global_step == self.warmup:
+            self.start = time.perf_counter()
+        elif trainer.global_step > self.warmup:
+            self.images += batch[0].shape[0]
+            self.rate = self.images / (time.perf_counter() - self.start)
+
+
+def bench_fit(config: str = "configs/demo.yaml", steps: int = 30, warmup_steps: int = 5, overrides: list[str] = []) -> dict:
+    """The full pipeline (loader + model + optimizer, one process) against the synthetic ceiling of the same
+    model, batch, crop and precision: prints the ratio.
+
+    Args:
+        config: a `resnet fit` recipe.
+        steps: steps timed (after warm-up), within the first epoch.
+        warmup_steps: steps before timing.
+        overrides: extra `resnet fit` arguments, e.g. ["--data.backend", "dali", "--data.root", "/data/imagenet"].
+    """
+    from train.cli import build_cli  # the full recipe, parsed as `resnet fit` parses it
+
+    with tempfile.TemporaryDirectory() as run_dir:  # the bench's checkpoints and logs are not kept
+        cli = build_cli(["--config", config, *overrides, "--trainer.max_steps", str(steps + warmup_steps + 1),
+                         "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.default_root_dir", run_dir,
+                         "--trainer.enable_progress_bar", "false", "--trainer.devices", "1"], run=False)
+        timer = _StepTimer(warmup_steps)
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    hp, dm = cli.model.hparams, cli.datamodule
+    ceiling = bench_model(hp.arch, dm.batch_size, dm.hparams.crop_size, str(cli.trainer.precision), hp.channels_last,
+                          steps=min(steps, 20), warmup_steps=warmup_steps,
+                          accelerator="cpu" if cli.trainer.strategy.root_device.type == "cpu" else "gpu")
+    row = {"config": config, "backend": dm.hparams.backend, "fit_images_per_sec": timer.rate, "ceiling_images_per_sec": ceiling}
+    console().print(f"full pipeline {timer.rate:.1f} images/s = {100 * timer.rate / ceiling:.0f}% of the synthetic ceiling {ceiling:.1f}")
+    return row
 
 
 def bench_eval(
@@ -54,8 +240,7 @@ def bench_eval(
                 trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False},
             )
             rows.append({k: result[k] for k in ("protocol", "views", "views_detail", "images", "images_per_sec", "precision")})
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and accelerator != "cpu" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    table = Table(title=f"resnet evaluate throughput: {arch}, {device}, batch {batch_size}")
+    table = Table(title=f"resnet evaluate throughput: {arch}, {_device_name(accelerator)}, batch {batch_size}")
     for col in ("protocol", "views", "images", "images/s", "views/s", "precision"):
         table.add_column(col, justify="left" if col in ("protocol", "precision") else "right")
     for r in rows:

@@ -60,20 +60,26 @@ class ResNetCLI(LightningCLI):
             )
 
 
+def underscore_options(args: list[str]) -> list[str]:
+    """`--train-tar` and `--train_tar` both work: option names are Python identifiers underneath."""
+    return [re.sub(r"^--[a-z0-9_-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in args]
+
+
 def prepare_main(args: list[str]) -> None:
     # Imported here: FFCV and its numba JIT load only for the commands that use them.
     from datamodules.ffcv import prepare_ffcv
     from datamodules.prepare import prepare_imagenet
 
-    # `--train-tar` and `--train_tar` both work: option names are Python identifiers underneath.
-    args = [re.sub(r"^--[a-z0-9_-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in args]
+    args = underscore_options(args)
     auto_cli({"demo": write_demo_dataset, "imagenet": prepare_imagenet, "ffcv": prepare_ffcv}, args=args, as_positional=False)
 
 
 def bench_main(args: list[str]) -> None:
-    from train.bench import bench_eval  # only this command needs it
+    from train import bench  # only this command needs it
 
-    auto_cli({"eval": bench_eval}, args=args, as_positional=False)
+    args = underscore_options(args)
+    commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval}
+    auto_cli(commands, args=args, as_positional=False)
 
 
 def ensemble_main(args: list[str]) -> None:
