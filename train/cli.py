@@ -66,12 +66,14 @@ def underscore_options(args: list[str]) -> list[str]:
 
 
 def prepare_main(args: list[str]) -> None:
-    # Imported here: FFCV and its numba JIT load only for the commands that use them.
-    from datamodules.ffcv import prepare_ffcv
-    from datamodules.prepare import prepare_imagenet
-
     args = underscore_options(args)
-    auto_cli({"demo": write_demo_dataset, "imagenet": prepare_imagenet, "ffcv": prepare_ffcv}, args=args, as_positional=False)
+    commands = {"demo": write_demo_dataset}
+    if args[:1] != ["demo"]:  # FFCV's numba and the devkit reader load only when their subcommand may run
+        from datamodules.ffcv import prepare_ffcv
+        from datamodules.prepare import prepare_imagenet
+
+        commands.update({"imagenet": prepare_imagenet, "ffcv": prepare_ffcv})
+    auto_cli(commands, args=args, as_positional=False)
 
 
 def bench_main(args: list[str]) -> None:
