@@ -73,7 +73,10 @@ def prepare_main(args: list[str]) -> None:
         from datamodules.prepare import prepare_imagenet
 
         commands.update({"imagenet": prepare_imagenet, "ffcv": prepare_ffcv})
-    auto_cli(commands, args=args, as_positional=False)
+    try:
+        auto_cli(commands, args=args, as_positional=False)
+    except (ValueError, OSError) as e:  # bad input: name the cause, no traceback
+        exit_with_error("resnet prepare", e)
 
 
 def bench_main(args: list[str]) -> None:

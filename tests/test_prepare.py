@@ -1,0 +1,269 @@
+"""`resnet prepare imagenet` on small fake ILSVRC2012 sources: real tar files (a tar of per-class tars, a flat val
+tar, a devkit .tar.gz with a meta.mat written by scipy) and Kaggle's folder layout with its CSV of val labels."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules import prepare
+from datamodules.folder import DatasetLayoutError, find_classes, scan_split
+from datamodules.prepare import DEVKIT, TRAIN_TAR, VAL_TAR, prepare_imagenet
+from tests.conftest import run_resnet
+
+# meta.mat's (ILSVRC2012_ID, WNID, num_children): ids 1-3 are deliberately not in sorted-wnid order, id 4 is a leaf
+# without train images, id 5 an inner node that is no class.
+SYNSETS = [(1, "n02000001", 0), (2, "n03000002", 0), (3, "n01000003", 0), (4, "n04000004", 0), (5, "n00001740", 4)]
+WNID_OF = {1: "n02000001", 2: "n03000002", 3: "n01000003", 4: "n04000004"}
+TRAIN = {"n01000003": 3, "n02000001": 2, "n03000002": 4}  # images per class
+GROUND_TRUTH = [2, 3, 1, 1, 2, 3, 4, 1]  # lines 7 and 8 label images that the val sources lack
+N_VAL = 6
+SUMMARY = [
+    "  train: 3 classes, 9 images (3 classes written now)",
+    "  val:   3 classes, 6 images (6 images written now)",
+    "  missing: classes without train images: 1 (n04000004)",
+    "  missing: ground-truth lines for images not in the sources: 2 (ILSVRC2012_val_00000007.JPEG, ILSVRC2012_val_00000008.JPEG)",
+]
+
+
+def jpeg(seed: int) -> bytes:
+    """A tiny real JPEG whose bytes differ with the seed."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (6, 8, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def train_files() -> dict[str, bytes]:
+    return {f"{w}_{k}.JPEG": jpeg(int(w[1:]) * 10 + k) for w, n in TRAIN.items() for k in range(1, n + 1)}
+
+
+def val_files() -> dict[str, bytes]:
+    return {f"ILSVRC2012_val_{i:08d}.JPEG": jpeg(i) for i in range(1, N_VAL + 1)}
+
+
+def expected_tree() -> dict[str, bytes]:
+    """What dst must hold, written out by hand: val image i goes to meta.mat's wnid of its ground-truth id."""
+    tree = {f"train/{name.split('_')[0]}/{name}": data for name, data in train_files().items()}
+    tree.update({f"val/{WNID_OF[GROUND_TRUTH[i - 1]]}/ILSVRC2012_val_{i:08d}.JPEG": jpeg(i) for i in range(1, N_VAL + 1)})
+    return tree
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def mtimes(root: Path, files_only: bool = False) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() or not files_only}
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_devkit(path: Path, meta: dict | None = None, ground_truth: str | None = None) -> Path:
+    """ILSVRC2012_devkit_t12.tar.gz with data/meta.mat (SYNSETS by default) and the val ground truth."""
+    savemat = pytest.importorskip("scipy.io", reason="writing meta.mat needs scipy, which pyproject lacks").savemat
+    if meta is None:
+        fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height", "num_train_images"]
+        synsets = np.empty((len(SYNSETS), 1), dtype=[(f, object) for f in fields])
+        for row, (i, wnid, children) in enumerate(SYNSETS):
+            synsets[row, 0] = (i, wnid, f"words {i}", "gloss", children, np.arange(1, children + 1), 0, 0)
+        meta = {"synsets": synsets}
+    mat = io.BytesIO()
+    savemat(mat, meta)
+    ground_truth = "".join(f"{k}\n" for k in GROUND_TRUTH) if ground_truth is None else ground_truth
+    with tarfile.open(path, "w:gz") as tar:
+        add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", mat.getvalue())
+        if ground_truth:
+            add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", ground_truth.encode())
+    return path
+
+
+def write_official(folder: Path) -> Path:
+    """The three official files under their own names: a tar of per-class tars, a flat val tar, the devkit."""
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / TRAIN_TAR, "w") as outer:
+        for wnid in TRAIN:
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for name, data in train_files().items():
+                    if name.startswith(wnid):
+                        add(tar, name, data)
+            add(outer, f"{wnid}.tar", inner.getvalue())
+    with tarfile.open(folder / VAL_TAR, "w") as tar:
+        for name, data in val_files().items():
+            add(tar, name, data)
+    write_devkit(folder / DEVKIT)
+    return folder
+
+
+def write_kaggle(folder: Path) -> Path:
+    """Kaggle's layout: CLS-LOC/train/<wnid>/, flat CLS-LOC/val/, a test/ to ignore, LOC_val_solution.csv."""
+    data = folder / "ILSVRC/Data/CLS-LOC"
+    for name, image in train_files().items():
+        (data / "train" / name.split("_")[0]).mkdir(parents=True, exist_ok=True)
+        (data / "train" / name.split("_")[0] / name).write_bytes(image)
+    (data / "val").mkdir()
+    for name, image in val_files().items():
+        (data / "val" / name).write_bytes(image)
+    (data / "test").mkdir()
+    (data / "test/ILSVRC2012_test_00000001.JPEG").write_bytes(jpeg(99))
+    rows = [f"ILSVRC2012_val_{i:08d},{WNID_OF[GROUND_TRUTH[i - 1]]} 1 2 30 40 {WNID_OF[GROUND_TRUTH[i - 1]]} 3 4 5 6\n"
+            for i in (7, 3, 1, 8, 5, 2, 4, 6)]  # in no particular order, as Kaggle's
+    (folder / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "".join(rows))
+    return folder
+
+
+@pytest.fixture
+def official(tmp_path) -> Path:
+    return write_official(tmp_path / "ilsvrc")
+
+
+def test_official_tars_through_the_cli(official, tmp_path):
+    dst = tmp_path / "imagenet"
+    proc = run_resnet("prepare", "imagenet", "--train-tar", str(official / TRAIN_TAR), "--val_tar",
+                      str(official / VAL_TAR), "--devkit", str(official / DEVKIT), "--dst", str(dst))
+    assert tree(dst) == expected_tree()
+    assert sorted(p.name for p in dst.iterdir()) == ["train", "val"]  # no temporary folder left
+    # The first val image has ground-truth id 2: meta.mat's n03000002, where sorted wnids would give n02000001.
+    assert (dst / "val/n03000002/ILSVRC2012_val_00000001.JPEG").read_bytes() == jpeg(1)
+    assert proc.stdout.splitlines()[-5:] == [f"{dst}:", *SUMMARY]
+    # The loaders read it: val classes are among the train classes, in sorted order.
+    classes = find_classes(dst / "train")
+    assert classes == ["n01000003", "n02000001", "n03000002"]
+    assert len(scan_split(dst / "val", {w: i for i, w in enumerate(classes)})) == N_VAL
+
+
+def test_kaggle_layout_through_the_cli(tmp_path):
+    dst = tmp_path / "imagenet"
+    proc = run_resnet("prepare", "imagenet", "--src", str(write_kaggle(tmp_path / "kaggle")), "--dst", str(dst))
+    assert tree(dst) == expected_tree()
+    assert proc.stdout.splitlines()[-5:] == [f"{dst}:", *SUMMARY]
+
+
+@pytest.mark.parametrize("source", ["official", "kaggle"])
+def test_rerun_writes_nothing_and_a_partial_dst_is_completed(source, tmp_path):
+    src = write_official(tmp_path / "src") if source == "official" else write_kaggle(tmp_path / "src")
+    dst = tmp_path / "imagenet"
+    assert prepare_imagenet(str(dst), src=str(src))["val_images_written"] == N_VAL
+    before = mtimes(dst)
+    again = prepare_imagenet(str(dst), src=str(src))
+    assert (again["train_classes_written"], again["val_images_written"], again["train_images"]) == (0, 0, 9)
+    assert mtimes(dst) == before
+    # A run stopped half-way: one class not renamed yet, one val image missing, temporary files left over.
+    shutil.rmtree(dst / "train/n03000002")
+    (dst / "val/n02000001/ILSVRC2012_val_00000003.JPEG").unlink()
+    (dst / ".prepare_tmp/train/n03000002").mkdir(parents=True)
+    (dst / ".prepare_tmp/train/n03000002/n03000002_1.JPEG").write_bytes(b"half")
+    kept = {k: v for k, v in mtimes(dst, files_only=True).items() if not k.startswith(".prepare_tmp/")}
+    counts = prepare_imagenet(str(dst), src=str(src))
+    assert (counts["train_classes_written"], counts["val_images_written"]) == (1, 1)
+    assert tree(dst) == expected_tree()
+    assert {k: v for k, v in mtimes(dst, files_only=True).items() if k in kept} == kept  # the rest untouched
+
+
+# Copies 1-3 are class n01000003, 4-5 n02000001, 6-9 n03000002, then the val images.
+@pytest.mark.parametrize("stop_after, kept, folders", [(5, 3, ["train"]), (11, 10, ["train", "val"])],
+                         ids=["in-2nd-train-class", "at-2nd-val-image"])
+def test_a_stopped_run_leaves_no_partial_file_or_class(tmp_path, monkeypatch, stop_after, kept, folders):
+    src, dst = write_kaggle(tmp_path / "kaggle"), tmp_path / "imagenet"
+    copy, calls = prepare._copy, []
+
+    def copy_then_stop(open_source, target):  # Ctrl-C with an image half-written
+        calls.append(target)
+        if len(calls) == stop_after:
+            target.write_bytes(open_source().read()[:100])
+            raise KeyboardInterrupt
+        copy(open_source, target)
+
+    monkeypatch.setattr(prepare, "_copy", copy_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_imagenet(str(dst), src=str(src))
+    written, expected = tree(dst), expected_tree()
+    assert written.items() <= expected.items() and len(written) == kept  # whole files of whole classes only
+    assert sorted(p.name for p in dst.iterdir()) == folders  # and no temporary folder
+    monkeypatch.setattr(prepare, "_copy", copy)
+    prepare_imagenet(str(dst), src=str(src))
+    assert tree(dst) == expected
+
+
+@pytest.mark.parametrize(
+    "devkit, message",
+    [
+        ({"ground_truth": "2\n3\n1\n1\n2\n"}, r"ground_truth.txt: ground truth has 5 lines, the val tar \S+ has 6 images "
+                                              r"\(no line for ILSVRC2012_val_00000006.JPEG\)"),
+        ({"ground_truth": "2\n9\n1\n1\n2\n3\n"}, r"ground_truth.txt line 2: '9' is not an ILSVRC2012_ID of meta.mat's 4 classes"),
+        ({"meta": {"other": np.zeros(3)}}, r"data/meta.mat: no synsets \(expected a struct array 'synsets'"),
+        ({"ground_truth": ""}, r"ILSVRC2012_devkit_t12.tar.gz: no ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground"),
+    ],
+    ids=["too-few-lines", "not-a-class", "no-synsets", "no-ground-truth"],
+)
+def test_bad_ground_truth_is_an_error_and_dst_is_kept(official, tmp_path, devkit, message):
+    dst = tmp_path / "imagenet"
+    prepare_imagenet(str(dst), src=str(official))
+    before, before_times = tree(dst), mtimes(dst)
+    bad = write_devkit(tmp_path / DEVKIT, **devkit)
+    with pytest.raises(DatasetLayoutError, match=message):
+        prepare_imagenet(str(dst), train_tar=str(official / TRAIN_TAR), val_tar=str(official / VAL_TAR), devkit=str(bad))
+    assert tree(dst) == before and mtimes(dst) == before_times
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda csv: csv.write_text("".join(l for l in csv.read_text().splitlines(True) if "_00000005," not in l)),
+         rf"LOC_val_solution.csv: no row for ILSVRC2012_val_00000005 \(7 rows, \S+/CLS-LOC/val has 6 images\)$"),
+        (lambda csv: csv.write_text("id,label\n"), r"LOC_val_solution.csv: expected the header ImageId,PredictionString"),
+        (lambda csv: csv.write_text(csv.read_text().replace("n01000003 1", "cat 1", 1)),
+         r"LOC_val_solution.csv line \d: expected ImageId,<wnid> <box> ..., got 'ILSVRC2012_val_0000000\d,cat 1"),
+        (lambda csv: csv.unlink(), r"LOC_val_solution.csv: no such file \(Kaggle's val labels\)"),
+    ],
+    ids=["missing-row", "header", "not-a-wnid", "no-csv"],
+)
+def test_bad_kaggle_csv_is_an_error_before_any_copying(tmp_path, damage, message):
+    src, dst = write_kaggle(tmp_path / "kaggle"), tmp_path / "imagenet"
+    damage(src / "LOC_val_solution.csv")
+    with pytest.raises((DatasetLayoutError, FileNotFoundError), match=message):
+        prepare_imagenet(str(dst), src=str(src))
+    assert not dst.exists()
+
+
+def test_full_set_counts_are_verified(tmp_path, monkeypatch):
+    """With sources of the full class count, dst must hold the full image count: a lost image is found."""
+    src, dst = write_kaggle(tmp_path / "kaggle"), tmp_path / "imagenet"
+    monkeypatch.setattr(prepare, "NUM_CLASSES", 3)  # this small set stands for the full one: 9 train, 6 val
+    monkeypatch.setattr(prepare, "FULL_TRAIN", 9)
+    monkeypatch.setattr(prepare, "FULL_VAL", 6)
+    assert prepare_imagenet(str(dst), src=str(src))["train_images"] == 9
+    (dst / "train/n02000001/n02000001_2.JPEG").unlink()  # its class folder stays, so it is not copied again
+    with pytest.raises(DatasetLayoutError, match=rf"{dst}/train: 8 images, the full ILSVRC2012 train set has 9$"):
+        prepare_imagenet(str(dst), src=str(src))
+
+
+def test_bad_sources_name_the_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="nothing to prepare: give --src DIR"):
+        prepare_imagenet(str(tmp_path / "dst"))
+    with pytest.raises(FileNotFoundError, match=r"empty: holds neither ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar"):
+        prepare_imagenet(str(tmp_path / "dst"), src=str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match=r"nowhere.tar: no such file"):
+        prepare_imagenet(str(tmp_path / "dst"), train_tar=str(tmp_path / "nowhere.tar"))
+    (tmp_path / "val.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"val.tar: its labels are in the devkit: give --devkit ILSVRC2012_devkit_t12.tar.gz"):
+        prepare_imagenet(str(tmp_path / "dst"), val_tar=str(tmp_path / "val.tar"))
+    (tmp_path / "train.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(DatasetLayoutError, match=r"train.tar: not a readable tar file"):
+        prepare_imagenet(str(tmp_path / "dst"), train_tar=str(tmp_path / "train.tar"))
+    with tarfile.open(tmp_path / "flat.tar", "w") as tar:
+        add(tar, "n01440764_1.JPEG", jpeg(0))
+    with pytest.raises(DatasetLayoutError, match=r"flat.tar: unexpected 'n01440764_1.JPEG' \(expected one <wnid>.tar"):
+        prepare_imagenet(str(tmp_path / "dst"), train_tar=str(tmp_path / "flat.tar"))
+    assert not (tmp_path / "dst").exists()
