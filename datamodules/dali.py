@@ -1,0 +1,206 @@
+"""NVIDIA DALI backend: the torchvision backend's crops and sharding as one DALI pipeline graph, run on the GPU
+(nvJPEG decoding fused with the random crop, GPU resize/flip/normalise) or, with the same graph, on CPU threads.
+
+Each pass over a loader (each `iter()`) builds a fresh pipeline over the exact file list of that pass: DALI ignores
+a reset mid-epoch, so an iterator that Lightning's sanity check or `limit_val_batches` left half-read would
+otherwise shorten the next pass. Building one is cheap next to an epoch (milliseconds on CPU)."""
+
+from __future__ import annotations
+
+from typing import Iterator, Literal, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+try:
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.pipeline import DataNode, Pipeline
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as e:  # an optional extra: say how to get it
+    raise ImportError(
+        "data.backend=dali needs NVIDIA DALI: pip install -e .[dali] "
+        "(or nvidia-dali-cuda120 for CUDA 12 drivers), or use data.backend=torchvision"
+    ) from e
+
+from datamodules.imagenet import LoaderSpec, equal_count_batch_size
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+Device = Literal["cpu", "gpu"]
+# Normalisation on the 0-255 scale: the same values as `normalize_batch` gives for uint8 input.
+MEAN_255 = [255.0 * m for m in IMAGENET_MEAN]
+STD_255 = [255.0 * s for s in IMAGENET_STD]
+
+
+def _device_id(spec: LoaderSpec, device: str) -> Optional[int]:
+    """The CUDA device the pipeline runs on, or None for a CPU-only pipeline.
+
+    Args:
+        spec: the loader spec; its `device` names the model's GPU.
+        device: `cpu` or `gpu`.
+    """
+    if device == "cpu":
+        return None
+    if device != "gpu":
+        raise ValueError(f"data.dali_device={device!r}: expected auto, cpu or gpu")
+    if not torch.cuda.is_available():
+        raise ValueError("data.dali_device=gpu needs a CUDA GPU and none is visible: use data.dali_device cpu or auto")
+    if spec.device.type == "cuda" and spec.device.index is not None:
+        return spec.device.index
+    return torch.cuda.current_device()
+
+
+def _centre_crop_pos(size: DataNode, crop: int) -> DataNode:
+    """crop_pos_x/y that makes DALI cut torchvision's CenterCrop window, whose start is round((size - crop) / 2)
+    with Python's round-half-to-even.
+
+    Args:
+        size: the resized extent (float DataNode).
+        crop: the crop extent.
+    """
+    room = size - crop
+    half = dmath.floor(room / 2)
+    odd_room, odd_half = room - 2 * half, half - 2 * dmath.floor(half / 2)
+    start = half + odd_room * odd_half  # x.5 goes to the even neighbour
+    # DALI places the window at pos * room (truncated or rounded): the +0.25 lands on `start` either way.
+    return (start + 0.25) / dmath.max(room, 1.0)
+
+
+@pipeline_def
+def _graph(files: list[str], labels: list[int], *, train: bool, device: str, crop: int, resize: int,
+           scale: tuple[float, float], ratio: tuple[float, float], hflip: bool):
+    """Reader -> decode (random-crop fused for training) -> resize -> crop/flip/normalise, HWC float32.
+
+    Args:
+        files, labels: this pass's samples in order (the reader does not shuffle or shard: the loader does).
+        train: RandomResizedCrop + flip, or resize shorter side + centre crop.
+        device: `cpu` or `gpu`; the GPU graph decodes with nvJPEG (`mixed`) and resizes on the GPU.
+        crop, resize: crop side; validation shorter side before the centre crop.
+        scale, ratio: RandomResizedCrop area-fraction and aspect-ratio (w/h) ranges.
+        hflip: mirror half of the training crops.
+    """
+    jpegs, labels = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
+    decoder, ops = ("mixed", "gpu") if device == "gpu" else ("cpu", "cpu")
+    # torchvision's decode_image ignores EXIF orientation: so do we, for the same pixels.
+    if train:
+        images = fn.decoders.image_random_crop(
+            jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False,
+            random_area=list(scale), random_aspect_ratio=list(ratio), num_attempts=10,
+        )
+        images = fn.resize(images, device=ops, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR,
+                           antialias=True)
+        mirror = fn.random.coin_flip(probability=0.5) if hflip else 0
+        pos_x = pos_y = 0.5
+    else:
+        shape = fn.peek_image_shape(jpegs, dtype=types.FLOAT, adjust_orientation=False)  # (H, W, C)
+        height, width = shape[0], shape[1]
+        short = dmath.min(height, width)
+        # torchvision's Resize truncates the longer side (DALI's resize_shorter would round it).
+        new_h, new_w = dmath.floor(resize * height / short), dmath.floor(resize * width / short)
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False)
+        images = fn.resize(images, device=ops, resize_x=new_w, resize_y=new_h, interp_type=types.INTERP_LINEAR,
+                           antialias=True)
+        mirror, pos_x, pos_y = 0, _centre_crop_pos(new_w, crop), _centre_crop_pos(new_h, crop)
+    images = fn.crop_mirror_normalize(
+        images, device=ops, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
+        mean=MEAN_255, std=STD_255, dtype=types.FLOAT, output_layout="HWC",
+    )
+    return images, labels
+
+
+class DaliLoader:
+    """A re-iterable loader of (images, labels): images float32 NCHW normalised with IMAGENET_MEAN/STD, stored
+    channels_last (DALI's HWC permuted), on the pipeline's device; labels int64 (N,). Every `iter()` is a full,
+    fresh pass (and ends any pass still open), so abandoned passes never shorten the next one."""
+
+    def __init__(self, spec: LoaderSpec, device: Device, train: bool):
+        """
+        Args:
+            spec: this rank's view of the split and the augmentation settings.
+            device: `cpu` or `gpu` (`data.dali_device`).
+            train: shuffled, equal-size shards of full batches; else this rank's strided shard, once.
+        """
+        self.spec, self.device, self.train = spec, device, train
+        self.device_id = _device_id(spec, device)
+        n, world = len(spec.samples), spec.world_size
+        if train:
+            # Drop-last sharding of a (seed, epoch) permutation: every rank gets floor(N / world) samples, so
+            # all ranks run the same steps; Lightning calls sampler.set_epoch(epoch) before each epoch.
+            self.sampler = DistributedSampler(range(n), num_replicas=world, rank=spec.rank, shuffle=True,
+                                              seed=spec.seed, drop_last=True)
+            self.batch_size = spec.batch_size
+            self.num_batches = len(self.sampler) // self.batch_size
+            what = f"{len(self.sampler)} training images per rank"
+        else:
+            self.batch_size = equal_count_batch_size(n, world, spec.batch_size) if n >= world else 1
+            self.num_batches = -(-len(spec.samples[spec.rank::world]) // self.batch_size)
+            what = f"{len(spec.samples[spec.rank::world])} validation images on rank {spec.rank}"
+        if n < world or self.num_batches == 0:
+            raise ValueError(f"{n} images over {world} ranks: {what}, fewer than one batch of {self.batch_size}")
+        self._open: Optional[Iterator] = None
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def pass_samples(self) -> list[tuple[str, int]]:
+        """The (path, label) samples this rank reads in the next pass, in order."""
+        if not self.train:
+            return self.spec.samples[self.spec.rank::self.spec.world_size]
+        order = list(self.sampler)[: self.num_batches * self.batch_size]  # the last partial batch dropped
+        return [self.spec.samples[i] for i in order]
+
+    def _pipeline(self, samples: list[tuple[str, int]]) -> Pipeline:
+        spec = self.spec
+        epoch = self.sampler.epoch if self.train else 0
+        # Augmentation differs per rank and epoch; the shard split above depends on (seed, epoch) alone.
+        seed = int(np.random.SeedSequence([spec.seed, spec.rank, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+        return _graph(
+            [p for p, _ in samples], [label for _, label in samples], train=self.train, device=self.device,
+            crop=spec.crop_size, resize=spec.val_resize_size, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
+            hflip=spec.hflip, batch_size=self.batch_size, num_threads=max(1, spec.num_workers),
+            device_id=self.device_id, seed=seed,
+        )
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # A generator: the file list is drawn at the first next(), since Lightning calls iter() on the training
+        # loader before sampler.set_epoch() in the first epoch (and after it in later ones).
+        pipe = self._pipeline(self.pass_samples())
+        # The reader's epoch is exactly this pass: PARTIAL trims the last validation batch (training passes
+        # hold whole batches), instead of padding it with repeated or next-epoch samples.
+        batches = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
+                                      last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        try:
+            for (out,) in batches:
+                yield out["images"].permute(0, 3, 1, 2), out["labels"].reshape(-1).long()
+        finally:
+            del batches, pipe  # free the pipeline's threads and buffers now, not at garbage collection
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._open is not None:
+            self._open.close()  # a pass left half-read (sanity check, limit_*_batches) ends here
+        self._open = self._batches()
+        return self._open
+
+
+def train_loader(spec: LoaderSpec, device: Device = "cpu") -> DaliLoader:
+    """Training loader: RandomResizedCrop (spec.scale, spec.ratio) + optional flip, shuffled per epoch.
+
+    Args:
+        spec: this rank's view of the training split.
+        device: `cpu` or `gpu`.
+    """
+    return DaliLoader(spec, device, train=True)
+
+
+def val_loader(spec: LoaderSpec, device: Device = "cpu") -> DaliLoader:
+    """Validation loader: shorter side to spec.val_resize_size, centre crop; each image of the rank's shard once.
+
+    Args:
+        spec: this rank's view of the validation split.
+        device: `cpu` or `gpu`.
+    """
+    return DaliLoader(spec, device, train=False)
+
+
+__all__ = ["DaliLoader", "train_loader", "val_loader"]
