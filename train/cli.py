@@ -69,10 +69,15 @@ def prepare_main(args: list[str]) -> None:
     args = underscore_options(args)
     commands = {"demo": write_demo_dataset}
     if args[:1] != ["demo"]:  # FFCV's numba and the devkit reader load only when their subcommand may run
-        from datamodules.ffcv import prepare_ffcv
         from datamodules.prepare import prepare_imagenet
 
-        commands.update({"imagenet": prepare_imagenet, "ffcv": prepare_ffcv})
+        commands["imagenet"] = prepare_imagenet
+        try:
+            from datamodules.ffcv import prepare_ffcv
+
+            commands["ffcv"] = prepare_ffcv
+        except ImportError:  # the optional ffcv extra is not installed: the other subcommands still work
+            pass
     try:
         auto_cli(commands, args=args, as_positional=False)
     except (ValueError, OSError) as e:  # bad input: name the cause, no traceback
