@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -82,15 +84,16 @@ def bench_data(
     if root is None:
         n = (warmup_batches + batches + 1) * batch_size // 6 + 1
         root = str(write_demo_dataset(f".cache/bench_500x375_train{n}", n, 1, image_size=(500, 375)))
+    if "ffcv" in backends and ffcv_dir is None and not (Path(root) / "ffcv/train.beton").is_file():
+        # In a fresh process, before any loader starts: FFCV's writer forks workers that compile with numba on
+        # a first run, and such a fork deadlocked here in a process already running DALI and loader threads.
+        subprocess.run([str(Path(sys.executable).parent / "resnet"), "prepare", "ffcv", "--root", root,
+                        "--dst", str(Path(root) / "ffcv")], check=True)
     rows = []
     for backend in backends:
         if backend == "pil":
             loader, to_model = _pil_imagefolder(root, crop_size, batch_size, num_workers), lambda b: b
         else:
-            if backend == "ffcv" and ffcv_dir is None and not (Path(root) / "ffcv/train.beton").is_file():
-                from datamodules.ffcv import prepare_ffcv
-
-                prepare_ffcv(root=root, dst=str(Path(root) / "ffcv"))
             dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
                                     backend="torchvision" if backend == "pil" else backend, ffcv_dir=ffcv_dir)
             dm.setup("fit")
