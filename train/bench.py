@@ -95,7 +95,7 @@ def bench_data(
             loader, to_model = _pil_imagefolder(root, crop_size, batch_size, num_workers), lambda b: b
         else:
             dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
-                                    backend="torchvision" if backend == "pil" else backend, ffcv_dir=ffcv_dir)
+                                    backend=backend, ffcv_dir=ffcv_dir)
             dm.setup("fit")
             loader = dm.train_dataloader()
             to_model = lambda b, dm=dm: dm.on_after_batch_transfer(b, 0)
