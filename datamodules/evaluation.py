@@ -86,6 +86,8 @@ class EvalDataModule(pl.LightningDataModule):
         return [str(Path(path).relative_to(split_dir)) for path, _ in self.dataset.samples]
 
     def setup(self, stage: str) -> None:
+        if self.dataset is not None:  # `resnet evaluate` sets up before the Trainer does: scan the folder once
+            return
         split_dir = self.root / self.split
         if not self.classes:
             train_dir = self.root / "train"
@@ -102,7 +104,7 @@ class EvalDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         rank, world = trainer_world(self.trainer)
         batches = EvalShardBatchSampler(len(self.dataset), per_device_batch_size(self.batch_size, world), rank, world)
-        workers = default_num_workers() if self.num_workers is None else self.num_workers
+        workers = default_num_workers(self.num_workers)
         return DataLoader(
             _WithIndex(self.dataset),
             batch_sampler=batches,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
@@ -48,8 +48,11 @@ def per_device_batch_size(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
-def default_num_workers() -> int:
-    """Loader processes per rank: the CPUs this process may use (a SLURM allocation, a taskset), at most 8."""
+def default_num_workers(requested: Optional[int] = None) -> int:
+    """Loader processes per rank: `requested`, or when None the CPUs this process may use (a SLURM allocation,
+    a taskset), at most 8."""
+    if requested is not None:
+        return requested
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(8, cpus)
 
@@ -196,7 +199,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             )
 
     def _loader(self, dataset: ImageFolderDataset, **kwargs) -> DataLoader:
-        workers = default_num_workers() if self.hparams.num_workers is None else self.hparams.num_workers
+        workers = default_num_workers(self.hparams.num_workers)
         return DataLoader(
             dataset,
             num_workers=workers,
@@ -210,7 +213,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         hp = self.hparams
         return LoaderSpec(
             samples=samples, rank=rank, world_size=world, batch_size=self.per_device_batch_size,
-            num_workers=default_num_workers() if hp.num_workers is None else hp.num_workers, seed=hp.seed,
+            num_workers=default_num_workers(hp.num_workers), seed=hp.seed,
             crop_size=hp.crop_size, val_resize_size=hp.val_resize_size, scale=tuple(hp.random_resized_crop_scale),
             ratio=(3 / 4, 4 / 3), hflip=hp.hflip,
             device=self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu"),
