@@ -6,7 +6,7 @@ DEMO_DATA := .cache/demo_imagenet
 DEMO_RUN := runs/demo
 DEMO_EVAL := runs/demo_eval
 
-.PHONY: setup demo test clean
+.PHONY: setup slurm-packages demo test clean
 
 # torch/torchvision: pip takes 2.14.1/0.29.1 from this machine's disk; pyproject admits them.
 # FFCV builds against system libraries: installed from Debian when missing (CI runs as root).
@@ -19,6 +19,11 @@ $(BIN)/resnet: pyproject.toml
 	touch $@
 
 setup: $(BIN)/resnet
+
+# The tests start a real one-node SLURM cluster (tests/slurm_cluster.py): Debian's daemons, nothing configured.
+slurm-packages:
+	command -v slurmctld >/dev/null && command -v munged >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge; }
 
 # Two models trained on the demo set, each evaluated under the three ILSVRC protocols, then their ensemble.
 demo: setup
@@ -36,7 +41,7 @@ demo: setup
 	echo "Demo done in $$(( $$(date +%s) - start )) s. Runs: $(DEMO_RUN)/, $(DEMO_RUN)_r34/ (checkpoints/, logs/version_0/);" \
 		"evaluations and ensemble table: $(DEMO_EVAL)/"
 
-test: setup
+test: setup slurm-packages
 	$(BIN)/python -m pytest -q --timeout 600
 
 clean:

@@ -1,8 +1,10 @@
-"""Callbacks the command line adds to every run: config and commit in checkpoints, images/s, the report."""
+"""Callbacks the command line adds to every run: config and commit in checkpoints (and the W&B run config), throughput
+(images/s, loader wait, GPU memory, epoch time), the report."""
 
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import time
 from collections import deque
@@ -11,24 +13,28 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from train.wandb_logging import upload_config
+
 REPO = Path(__file__).resolve().parent.parent
 REPORT_KEYS = ("train/loss", "train/acc1", "val/loss", "val/acc1", "val/acc5")
 
 
 def git_commit() -> str:
-    """HEAD of the checkout this code runs from, `+dirty` when it has uncommitted changes; `unknown` outside git."""
+    """HEAD of the checkout this code runs from, `+dirty` when it has uncommitted changes; outside git (an installed
+    copy, the Docker image) $RESNET_GIT_COMMIT, which docker/build.sh bakes in, else `unknown`."""
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
         commit = run("rev-parse", "HEAD").stdout.strip()
         return commit + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("RESNET_GIT_COMMIT") or "unknown"
 
 
 class SaveConfigAndCommit(SaveConfigCallback):
@@ -42,34 +48,66 @@ class SaveConfigAndCommit(SaveConfigCallback):
             Console(stderr=True).print(Syntax(self._run_info["config"], "yaml", theme="ansi_dark"))
         super().setup(trainer, pl_module, stage)
 
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Rank 0, once per run: a W&B run gets the same config, to filter and group runs by any key.
+        upload_config(trainer, yaml.safe_load(self._run_info["config"]), self._run_info["git_commit"])
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint.update(self._run_info)
 
 
 class ImagesPerSecond(Callback):
-    """Global training throughput, `train/images_per_sec`: images of all ranks per second over the last `window`
-    steps (training loaders drop the last partial batch, so every rank steps with the same batch). The window
-    restarts each epoch so that validation and loader start-up are not counted."""
+    """Training throughput and what limits it, logged on the log steps:
+    - `train/images_per_sec`: images of all ranks per second over the last `window` batches (training loaders
+      drop the last partial batch, so every rank steps with the same batch);
+    - `train/loader_wait_share`: the fraction of that time rank 0 waited for its next batch (loading, the copy to
+      the device, normalisation), the rest being the step itself; near 0 when the loader keeps up;
+    - `train/gpu_mem_peak_gib`: on CUDA, the most memory rank 0's tensors have held since the epoch started;
+    - `train/epoch_time_s` (per epoch): wall time of the epoch, its validation included.
+    The window restarts each epoch so that validation and loader start-up are not counted."""
 
     def __init__(self, window: int = 20):
         """
         Args:
-            window: optimizer steps averaged over.
+            window: training batches averaged over.
         """
         self.window = window
         self._ends: deque[float] = deque(maxlen=window + 1)
+        self._waits: deque[float] = deque(maxlen=window)
+        self._epoch_start = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_start = time.perf_counter()  # a mid-epoch resume skips on_train_epoch_start
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ends.clear()
+        self._waits.clear()
+        self._epoch_start = time.perf_counter()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        if self._ends:  # the batch has been fetched and moved to the device since the last step ended
+            self._waits.append(time.perf_counter() - self._ends[-1])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda":
+        cuda = pl_module.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(pl_module.device)  # kernels are asynchronous: time what has run
         self._ends.append(time.perf_counter())
         if len(self._ends) > 1:
-            seconds = self._ends[-1] - self._ends[0]
+            seconds = self._ends[-1] - self._ends[0]  # the last len(_waits) batches, waits included
             images = (len(self._ends) - 1) * batch[0].size(0) * trainer.world_size
             pl_module.log("train/images_per_sec", images / seconds, on_step=True, on_epoch=False)
+            pl_module.log("train/loader_wait_share", sum(self._waits) / seconds, on_step=True, on_epoch=False)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+            pl_module.log("train/gpu_mem_peak_gib", peak, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = time.perf_counter() - self._epoch_start
+        # The slowest rank's time (one all-reduce per epoch).
+        pl_module.log("train/epoch_time_s", seconds, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
 
 
 class TrainingReport(Callback):
@@ -82,6 +120,10 @@ class TrainingReport(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validated = not trainer.sanity_checking
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()  # a mid-epoch resume skips on_train_epoch_start
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0, self._validated = time.perf_counter(), False

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -10,8 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 from jsonargparse import ArgumentParser, Namespace, auto_cli
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules import ImageNetDataModule
 from datamodules.demo import write_demo_dataset
@@ -19,13 +20,22 @@ from train.evaluate import evaluate_main, exit_with_error
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
 from train.model import ImageNetClassifier
+from train.checkpointing import (
+    AtomicCheckpointIO,
+    BestAndLastCheckpoint,
+    Requeued,
+    RequeueOnSignal,
+    hpc_checkpoints,
+    requeue,
+)
+from train.wandb_logging import configure_wandb, log_ensemble, log_safely, run_dir_of, wanted
 
 
 class ResNetCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The module scales its lr by the global batch, which only the data config sets.
         parser.link_arguments("data.batch_size", "model.batch_size")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc1",
@@ -37,6 +47,7 @@ class ResNetCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ImagesPerSecond, "throughput")
         parser.add_lightning_class_args(TrainingReport, "report")
+        parser.add_lightning_class_args(RequeueOnSignal, "requeue")
 
     def before_instantiate_classes(self) -> None:
         """Everything of a run lives under trainer.default_root_dir: checkpoints/ (fixed, so `--ckpt_path last`
@@ -46,18 +57,39 @@ class ResNetCLI(LightningCLI):
         config.trainer.default_root_dir = str(root)
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
-        last = Path(config.checkpoint.dirpath) / "last.ckpt"
-        # A fresh fit into a folder holding a run would replace its best.ckpt and last.ckpt; a SLURM requeue
-        # (hpc_ckpt_*.ckpt present) resumes by itself.
-        if self.subcommand == "fit" and config.ckpt_path is None and last.exists() and not any(root.glob("hpc_ckpt_*.ckpt")):
+        if self.subcommand == "fit" and config.ckpt_path is None:
+            config.ckpt_path = self.resume_path(root, Path(config.checkpoint.dirpath) / "last.ckpt")
+        if config.trainer.logger is not False:  # False: no logging at all
+            # The CSV logger first: trainer.log_dir is the first logger's (logs/version_N/: config.yaml, the report).
+            # Other loggers (e.g. configs/logger/wandb.yaml) come after it.
+            loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
+            loggers = [lg for lg in loggers if isinstance(lg, Namespace)]  # None, True: the default, CSV alone
+            if not any(lg.class_path.endswith(".CSVLogger") for lg in loggers):
+                csv = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=str(root), name="logs"))
+                loggers.insert(0, csv)
+            config.trainer.logger = loggers
+            configure_wandb(config, root)  # W&B loggers: run directory, stable run id, name; dashboards callback
+
+    def resume_path(self, root: Path, last: Path) -> Optional[str]:
+        """Where a `fit` without --ckpt_path starts: the newest requeue checkpoint (hpc_ckpt_N.ckpt, saved on
+        SLURM's signal) if any; last.ckpt when SLURM restarted the job without one (node failure); otherwise a
+        fresh start, refused over an existing run (it would replace its best.ckpt and last.ckpt)."""
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        if requeue := hpc_checkpoints(root):
+            return str(requeue[-1])
+        if last.exists() and restarted:
+            return str(last)
+        if last.exists():
             self.parser.error(
                 f"{last} exists: resume that run with --ckpt_path last, or start a new one in another "
                 "--trainer.default_root_dir"
             )
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=str(root), name="logs")
-            )
+        return None
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
+            self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
 def underscore_options(args: list[str]) -> list[str]:
@@ -97,12 +129,16 @@ def ensemble_main(args: list[str]) -> None:
     parser.add_argument("files", nargs="+", help="result files of `resnet evaluate --output`")
     parser.add_argument("--weights", type=Optional[str], help="one weight per file, e.g. 1,1,2 (default: equal)")
     parser.add_argument("--output", type=Optional[str], help="Markdown table to write (e.g. results/ensemble.md); JSON beside it")
+    parser.add_argument("--wandb", type=Optional[bool], help="log the table to a W&B run of its own (job type ensemble); "
+                        "default: when the files come from checkpoints trained with W&B")
     cfg = parser.parse_args(args)
     try:
         weights = [float(w) for w in cfg.weights.split(",")] if cfg.weights else None
-        ensemble(cfg.files, weights, cfg.output)
+        out = ensemble(cfg.files, weights, cfg.output)
     except (ValueError, OSError) as e:  # bad input: name the cause, no traceback
         exit_with_error("resnet ensemble", e)
+    if wanted(cfg.wandb, out["wandb_runs"]):
+        log_safely("ensemble table", log_ensemble, out, cfg.files, weights, run_dir_of(None, cfg.output))
 
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
@@ -127,7 +163,22 @@ def main(args: Optional[list[str]] = None) -> None:
     commands = {"prepare": prepare_main, "evaluate": evaluate_main, "ensemble": ensemble_main, "bench": bench_main}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
-    build_cli(args)
+    try:
+        build_cli(args)
+    except Requeued as saved:  # saved on SLURM's signal: this life of the job ends here, cleanly
+        close_process_group()
+        requeue(str(saved))
+        sys.exit(0)
+    close_process_group()
+
+
+def close_process_group() -> None:
+    """Left to interpreter exit, a gloo process group sometimes aborts a rank ("terminate called without an active
+    exception") while its peers still shut down, failing the SLURM job after a successful fit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

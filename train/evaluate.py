@@ -26,6 +26,7 @@ from datamodules.transforms import PAPER_SCALES, EvalViews, normalize_batch
 from train.callbacks import git_commit
 from train.results import console as results_console, save_result, topk_accuracy
 from train.weights import LoadedModel, load_checkpoint, load_weights
+from train.wandb_logging import log_evaluation, log_safely, run_dir_of, wanted
 
 # Views through the network per forward, in pixels: 640 views of 224x224 (~32M pixels), i.e. the default batch
 # of 64 images x 10 crops in one forward, or ~58 views of 640x853 at multiscale's largest scale. ResNet-50 in
@@ -141,6 +142,7 @@ def evaluate(
     output: Optional[str] = None,
     channels_last: Optional[bool] = None,
     max_pixels_per_forward: int = DEFAULT_MAX_PIXELS,
+    wandb: Optional[bool] = None,
     data: Optional[dict] = None,
     trainer: Optional[dict] = None,
 ) -> Optional[dict]:
@@ -160,6 +162,9 @@ def evaluate(
             metrics is written beside it.
         channels_last: NHWC network and inputs; None = on a GPU.
         max_pixels_per_forward: views through the network per forward, counted in pixels (bounds GPU memory).
+        wandb: log the result to W&B: table `eval/<protocol>` and summaries `eval/<protocol>/top1_err`, ... in the
+            checkpoint's training run (a new run for --weights); offline without an API key. None: when the
+            checkpoint was trained with W&B.
     """
     if (ckpt is None) == (weights is None):
         raise ValueError("give exactly one of --ckpt PATH or --weights torchvision:<arch>.<weights>|FILE")
@@ -211,10 +216,13 @@ def evaluate(
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
         "ids": datamodule.ids, "labels": res["labels"], "classes": datamodule.classes, "probs": res["probs"].half(),
         "resize_size": views.resize_size, "crop_size": views.crop_size, "scales": list(views.scales),
+        "wandb_run": loaded.wandb_run,  # `resnet ensemble` logs into its project
     }
     print_result(result, output)
     if output:
         save_result(output, result)
+    if wanted(wandb, [loaded.wandb_run]):
+        log_safely("evaluation", log_evaluation, result, loaded.wandb_run, run_dir_of(ckpt, output))
     return result
 
 

@@ -139,4 +139,4 @@ def ensemble(files: list[str], weights: Optional[list[float]] = None, output: Op
         record = {"files": [str(f) for f in files], "weights": weights, "rows": rows}
         _atomic_write(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
         console().print(f"wrote {out} and {out.with_suffix('.json')}")
-    return {"rows": rows, "probs": mean}
+    return {"rows": rows, "probs": mean, "wandb_runs": [r.get("wandb_run") or {} for r in results]}

@@ -32,6 +32,7 @@ class LoadedModel:
     classes: Optional[list[str]]  # output order by class name; None = sorted folder names of the data
     resize_size: Optional[int] = None  # the resize of the weights' published number (torchvision V2 R50: 232)
     published: dict = field(default_factory=dict)  # the weights' published single-crop acc@1/acc@5
+    wandb_run: dict = field(default_factory=dict)  # the W&B run that trained it (id, project, entity), if any
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> str:
@@ -74,7 +75,7 @@ def load_checkpoint(path: str) -> LoadedModel:
     classes = ckpt.get("ImageNetDataModule", {}).get("classes")  # absent from checkpoints of older versions
     run = Path(path).resolve().parent
     run = run.parent if run.name == "checkpoints" else run  # <run dir>/checkpoints/best.ckpt -> "<run dir>/best"
-    return LoadedModel(net, hp["arch"], f"{hp['arch']} {run.name}/{Path(path).stem}", classes or None)
+    return LoadedModel(net, hp["arch"], f"{hp['arch']} {run.name}/{Path(path).stem}", classes or None, wandb_run=ckpt.get("wandb_run") or {})
 
 
 def load_weights(spec: str) -> LoadedModel:

@@ -1,0 +1,73 @@
+# shellcheck shell=bash
+# Functions shared by the scripts in slurm/ (sourced after env.sh).
+
+die() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+# The job's key: array tasks are <array job>_<task>; a requeued job keeps its id, so its run directory too.
+job_key() {
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        echo "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+    else
+        echo "${SLURM_JOB_ID:?not inside a SLURM job: submit with sbatch}"
+    fi
+}
+
+# srun `resnet ARGS...` on every task of the job (or as the array srun_opts says), in the container if one is set.
+srun_opts=()
+resnet_srun() {
+    local -a srun=(srun --kill-on-bad-exit=1 "${srun_opts[@]}")
+    mkdir -p "$RESNET_OUTPUT"
+    case "$RESNET_CONTAINER" in
+        "")
+            local resnet="$RESNET_VENV/bin/resnet"
+            [[ -x $resnet ]] || resnet=$(command -v resnet) ||
+                die "no resnet in $RESNET_VENV/bin or on PATH: run \`make setup\` in $RESNET_REPO, or set RESNET_VENV or RESNET_CONTAINER"
+            "${srun[@]}" "$resnet" "$@"
+            ;;
+        *.sif)
+            "${srun[@]}" apptainer exec --nv --pwd "$RESNET_REPO" \
+                --bind "$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT,$RESNET_REPO" "$RESNET_CONTAINER" resnet "$@"
+            ;;
+        *)
+            "${srun[@]}" --container-image="$RESNET_CONTAINER" --container-workdir="$RESNET_REPO" \
+                --container-mounts="$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT:$RESNET_OUTPUT,$RESNET_REPO:$RESNET_REPO" \
+                resnet "$@"
+            ;;
+    esac
+}
+
+# The world size comes from the allocation: `--nodes` x `--ntasks-per-node` (one task per GPU).
+check_world_args() {
+    local arg
+    for arg in "$@"; do
+        case "$arg" in
+            --trainer.num_nodes* | --trainer.devices*)
+                die "$arg: the world size comes from #SBATCH --nodes and --ntasks-per-node; change those instead" ;;
+        esac
+    done
+    [[ -n ${SLURM_NTASKS_PER_NODE:-} ]] || die "submit with --ntasks-per-node (one task per GPU), not --ntasks"
+}
+
+# resnet_fit RECIPE [resnet fit options...]: train configs/RECIPE.yaml in $RESNET_OUTPUT/RECIPE-<job id>/.
+# A requeued job finds its hpc_ckpt_N.ckpt there and resumes.
+resnet_fit() {
+    local recipe=$1
+    shift
+    [[ -f $RESNET_REPO/configs/$recipe.yaml ]] || die "$RESNET_REPO/configs/$recipe.yaml not found (RESNET_REPO)"
+    check_world_args "$@"
+    local run_dir
+    run_dir="$RESNET_OUTPUT/$recipe-$(job_key)"
+    local -a wandb=()
+    [[ $RESNET_WANDB == 1 ]] && wandb=(--config configs/logger/wandb.yaml)
+    echo "$(date -Is) job $(job_key) restart ${SLURM_RESTART_COUNT:-0}: $recipe on ${SLURM_JOB_NUM_NODES} node(s)" \
+        "x ${SLURM_NTASKS_PER_NODE} task(s), run directory $run_dir"
+    cd "$RESNET_REPO" || die "cannot enter $RESNET_REPO"
+    # Last, so that no option or --config before them can change them: the world size and the run directory.
+    resnet_srun fit --config "configs/$recipe.yaml" "${wandb[@]}" \
+        --data.root "$IMAGENET_DIR" --data.num_workers "${SLURM_CPUS_PER_TASK:-8}" "$@" \
+        --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
+        --trainer.default_root_dir "$run_dir"
+}

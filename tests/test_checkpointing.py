@@ -1,0 +1,46 @@
+"""Checkpoints that survive: atomic writes, a last.ckpt that is the latest epoch, the requeue callback's input
+checks. The SLURM signal -> save -> requeue -> resume path runs for real in tests/test_slurm.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import run_resnet, tiny_fit_args
+from train.checkpointing import AtomicCheckpointIO, RequeueOnSignal, hpc_checkpoints
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("disk full")  # what a failure halfway through torch.save looks like
+
+
+def test_atomic_write_keeps_the_previous_checkpoint_on_failure(tmp_path):
+    io, path = AtomicCheckpointIO(), tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    with pytest.raises(RuntimeError, match="disk full"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3), "bad": Unpicklable()}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no .partial left behind
+
+
+def test_hpc_checkpoints_sorted_by_number_not_name(tmp_path):
+    for n in (10, 2, 1):
+        (tmp_path / f"hpc_ckpt_{n}.ckpt").touch()
+    (tmp_path / "hpc_ckpt_x.ckpt").touch()
+    assert [p.name for p in hpc_checkpoints(tmp_path)] == ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt", "hpc_ckpt_10.ckpt"]
+
+
+def test_requeue_signal_must_be_a_user_signal():
+    assert RequeueOnSignal("SIGUSR2").signum.name == "SIGUSR2"
+    with pytest.raises(ValueError, match="expected SIGUSR1 or SIGUSR2"):
+        RequeueOnSignal("SIGTERM")
+
+
+def test_last_ckpt_is_the_latest_epoch_even_without_a_top_k_save(demo_root, tmp_path):
+    # save_top_k 0: no epoch makes a top-k save, the case where Lightning 2.6's save_last writes nothing.
+    run_dir = tmp_path / "run"
+    run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "2", "--checkpoint.save_top_k", "0"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 18 and last["epoch"] == 1

@@ -1,0 +1,152 @@
+"""Checkpoints that survive: best.ckpt and a last.ckpt that is really the latest, written atomically; saved on
+SLURM's signal before a time limit or preemption, then requeue and resume."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+HPC_CKPT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes `x.ckpt` as `.x.ckpt.partial`, fsyncs it, then renames it: a job killed mid-write (time limit,
+    preemption, node failure) leaves the previous `x.ckpt` intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        if "://" in str(path) or storage_options is not None:  # object stores: their own semantics
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            with open(partial, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)  # gone after the rename; a failed write leaves no debris
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose `last.ckpt` is the latest epoch. Since Lightning 2.6, `save_last=True` writes
+    last.ckpt only when a top-k checkpoint is saved at the same step: with `monitor=val/acc1, save_top_k=1`, an
+    epoch that does not improve val/acc1 leaves last.ckpt behind, and `--ckpt_path last` would silently drop it."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):  # skips when saved at this step
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def slurm_job_id() -> Optional[str]:
+    """The id `scontrol requeue` takes: `ARRAYJOB_TASK` for array tasks, else SLURM_JOB_ID; None outside SLURM."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def hpc_checkpoints(root: Path) -> list[Path]:
+    """Requeue checkpoints in a run directory, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(root).glob("hpc_ckpt_*.ckpt") if (m := HPC_CKPT.search(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+class Requeued(Exception):
+    """Raised on every rank once the requeue checkpoint is saved: ends `fit` without validating or saving more."""
+
+
+class RequeueOnSignal(Callback):
+    """Under SLURM, `#SBATCH --signal=SIGUSR1@<s>` (sent <s> seconds before the time limit) or
+    `scancel --signal=USR1 JOB` makes every rank stop after the current optimizer step, save
+    `hpc_ckpt_N.ckpt` in the run directory (written by rank 0 from the DDP-synchronised state), and rank 0
+    `scontrol requeue`s the job. The requeued job keeps its id and run directory; Lightning resumes from the newest
+    `hpc_ckpt_N.ckpt` there at the same global step (a mid-epoch resume replays that epoch's data order from its
+    start: the loaders keep no position).
+
+    The signal handler only sets a flag. Saving inside it, as Lightning's own SLURM handler does, can run between
+    two collectives of a DDP step or halfway through an optimizer step; here the ranks agree on the flag with one
+    all-reduce per step and save at the same, consistent point. `fit` then ends on every rank with `Requeued`, and
+    `resnet` requeues the job (see `requeue`)."""
+
+    def __init__(self, signal_name: str = "SIGUSR1") -> None:
+        """
+        Args:
+            signal_name: the signal of `#SBATCH --signal=<name>@<seconds>` (no `B:`, so that srun's tasks get it).
+        """
+        if not hasattr(signal, signal_name) or signal_name in ("SIGTERM", "SIGINT", "SIGKILL"):
+            raise ValueError(f"requeue.signal_name={signal_name!r}: expected SIGUSR1 or SIGUSR2")
+        self.signum = getattr(signal, signal_name)
+        self._received = False
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Registered before the Trainer installs its handlers, which then leaves SIGUSR1 to this one.
+        if stage == "fit" and SLURMEnvironment.detect():
+            signal.signal(self.signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._received = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.ckpt_path:
+            restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+            rank_zero_info(
+                f"Resumed from {trainer.ckpt_path} at global step {trainer.global_step}, epoch "
+                f"{trainer.current_epoch} (SLURM job {slurm_job_id()}, restart {restarts})"
+            )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return  # between optimizer steps the accumulated gradients would be lost
+        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+            return
+        root = Path(trainer.default_root_dir)
+        older = hpc_checkpoints(root)
+        number = int(HPC_CKPT.search(older[-1].name).group(1)) + 1 if older else 1
+        path = root / f"hpc_ckpt_{number}.ckpt"
+        trainer.save_checkpoint(path)  # rank 0 writes, every rank waits for it
+        if trainer.is_global_zero:
+            for old in older:  # one full model + optimizer each: keep only the newest
+                old.unlink(missing_ok=True)
+        rank_zero_info(f"Signal {signal.Signals(self.signum).name}: saved {path} at global step {trainer.global_step}")
+        raise Requeued(str(path))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, Requeued) and trainer.is_global_zero:
+            for logger in trainer.loggers:  # flush W&B now: the requeue stops the job within seconds
+                if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                    logger.experiment.finish()
+
+
+def requeue(checkpoint: str) -> None:
+    """After `fit` ended with `Requeued` and tore down: rank 0 puts the job back in the queue. Last of all, because
+    SLURM stops the job's processes as soon as it is requeued."""
+    if int(os.environ.get("SLURM_PROCID", "0")) != 0:
+        return
+    job = slurm_job_id()
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"scontrol requeue {job} failed: {done.stderr.strip()}; resubmit the job to resume from {checkpoint}")
+    print(f"Requeued SLURM job {job}: it resumes from {checkpoint}", flush=True)
