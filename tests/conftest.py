@@ -8,11 +8,22 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from datamodules.demo import write_demo_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 RESNET = str(Path(sys.executable).parent / "resnet")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` need a CUDA device: skipped where there is none (CI, the development machines)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,9 @@ from torchvision import datasets
 from torchvision import transforms as v1
 
 from datamodules.demo import write_demo_dataset
-from datamodules.imagenet import ImageNetDataModule
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from datamodules.evaluation import EvalDataModule
+from datamodules.imagenet import ImageNetDataModule, default_num_workers
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalViews
 from train.evaluate import evaluate
 from train.model import Arch, build_resnet
 from train.results import console
@@ -67,6 +68,7 @@ def bench_data(
     warmup_batches: int = 10,
     batches: int = 40,
     ffcv_dir: Optional[str] = None,
+    accelerator: Literal["cpu", "gpu"] = "cpu",
 ) -> list[dict]:
     """Training-augmentation throughput of the loaders alone (RandomResizedCrop + flip + normalise, no model),
     each backend on the same JPEGs in one run; `pil` is the classic ImageFolder + PIL path, for reference.
@@ -80,6 +82,8 @@ def bench_data(
         warmup_batches: batches pulled before timing (worker start-up; FFCV's numba JIT).
         batches: batches timed.
         ffcv_dir: folder with train.beton (`resnet prepare ffcv`); None = <root>/ffcv, written if missing.
+        accelerator: `gpu`: each batch is copied to the GPU and normalised there, as in training (the copy
+            and the normalisation are timed); `cpu`: normalised in this process.
     """
     if root is None:
         n = (warmup_batches + batches + 1) * batch_size // 6 + 1
@@ -89,21 +93,30 @@ def bench_data(
         # a first run, and such a fork deadlocked here in a process already running DALI and loader threads.
         subprocess.run([str(Path(sys.executable).parent / "resnet"), "prepare", "ffcv", "--root", root,
                         "--dst", str(Path(root) / "ffcv")], check=True)
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+
+    def on_device(batch):  # what Lightning's batch transfer does (pinned host batches: asynchronous copies)
+        if device.type == "cuda":
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            torch.cuda.synchronize(device)
+        return batch
+
     rows = []
     for backend in backends:
         if backend == "pil":
-            loader, to_model = _pil_imagefolder(root, crop_size, batch_size, num_workers), lambda b: b
+            loader = _pil_imagefolder(root, crop_size, batch_size, num_workers)
+            to_model = on_device
         else:
             dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
                                     backend=backend, ffcv_dir=ffcv_dir)
             dm.setup("fit")
             loader = dm.train_dataloader()
-            to_model = lambda b, dm=dm: dm.on_after_batch_transfer(b, 0)
+            to_model = lambda b, dm=dm: dm.on_after_batch_transfer(on_device(b), 0)
         rate = _time_batches(loader, warmup_batches, batches, to_model)
         rows.append({"backend": backend, "images_per_sec": rate})
         del loader
     table = Table(title=f"Loader throughput: RandomResizedCrop {crop_size} + flip + normalise, batch {batch_size}, "
-                        f"{num_workers} workers, {_device_name('cpu')}")
+                        f"{num_workers} workers, {_device_name(accelerator)}")
     table.add_column("backend")
     table.add_column("images/s", justify="right")
     table.add_column("vs pil", justify="right")
@@ -123,6 +136,10 @@ def bench_model(
     steps: int = 20,
     warmup_steps: int = 5,
     accelerator: Literal["auto", "cpu", "gpu"] = "auto",
+    compile: bool = False,
+    cudnn_benchmark: bool = False,
+    tf32: Optional[bool] = None,
+    train: bool = True,
 ) -> float:
     """Training-step images/s on synthetic tensors already on the device: the model's ceiling, no loader.
 
@@ -135,10 +152,24 @@ def bench_model(
         steps: steps timed.
         warmup_steps: steps before timing (cuDNN autotuning, allocator).
         accelerator: `cpu`, `gpu` or `auto`.
+        compile: torch.compile the network (as `--model.compile true`); compiling happens in the warm-up steps.
+        cudnn_benchmark: torch.backends.cudnn.benchmark (cuDNN times its algorithms for each new shape; what
+            `--trainer.benchmark true` sets); false is torch's and Lightning's default.
+        tf32: TensorFloat-32 for float32 convolutions and matrix products on a GPU (only matters for 32-true);
+            None = torch's defaults (cuDNN convolutions in TF32, matrix products in full float32).
+        train: a training step (forward, backward, SGD); false = inference (eval mode, no gradients).
     """
     device = torch.device("cuda" if torch.cuda.is_available() and accelerator != "cpu" else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        if tf32 is not None:
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cuda.matmul.allow_tf32 = tf32
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = build_resnet(arch).to(device, memory_format=fmt)
+    if compile:
+        net.compile()  # in place, as ImageNetClassifier does
+    net.train(train)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(batch_size, 3, crop_size, crop_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (batch_size,), device=device)
@@ -149,6 +180,10 @@ def bench_model(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
+        if not train:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                net(x)
+            continue
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = F.cross_entropy(net(x), y)
         scaler.scale(loss).backward()
@@ -158,8 +193,12 @@ def bench_model(
     if device.type == "cuda":
         torch.cuda.synchronize()
     rate = steps * batch_size / (time.perf_counter() - start)
-    console().print(f"model ceiling: {arch}, batch {batch_size}, {crop_size}px, {precision}, "
-                    f"{'channels_last' if channels_last else 'NCHW'}, {_device_name(accelerator)}: {rate:.1f} images/s")
+    options = [precision, "channels_last" if channels_last else "NCHW"]
+    options += ["compiled"] * compile
+    if device.type == "cuda":
+        options += ["cudnn.benchmark"] * cudnn_benchmark + ([] if tf32 is None else [f"tf32 {'on' if tf32 else 'off'}"])
+    console().print(f"model ceiling ({'training step' if train else 'inference'}): {arch}, batch {batch_size}, {crop_size}px, "
+                    f"{', '.join(options)}, {_device_name(accelerator)}: {rate:.1f} images/s")
     return rate
 
 
@@ -177,12 +216,13 @@ class _StepTimer(pl.Callback):
             self.rate = self.images / (time.perf_counter() - self.start)
 
 
-def bench_fit(config: str = "configs/demo.yaml", steps: int = 30, warmup_steps: int = 5, overrides: list[str] = []) -> dict:
+def bench_fit(recipe: str = "configs/demo.yaml", steps: int = 30, warmup_steps: int = 5, overrides: list[str] = []) -> dict:
     """The full pipeline (loader + model + optimizer, one process) against the synthetic ceiling of the same
     model, batch, crop and precision: prints the ratio.
 
     Args:
-        config: a `resnet fit` recipe.
+        recipe: a `resnet fit` config file, e.g. configs/imagenet_r50.yaml. (Not named `config`: jsonargparse's
+            auto_cli drops a parameter of that name, so `--config X` silently benchmarked the default recipe.)
         steps: steps timed (after warm-up), within the first epoch.
         warmup_steps: steps before timing.
         overrides: extra `resnet fit` arguments, e.g. ["--data.backend", "dali", "--data.root", "/data/imagenet"].
@@ -190,7 +230,7 @@ def bench_fit(config: str = "configs/demo.yaml", steps: int = 30, warmup_steps: 
     from train.cli import build_cli  # the full recipe, parsed as `resnet fit` parses it
 
     with tempfile.TemporaryDirectory() as run_dir:  # the bench's checkpoints and logs are not kept
-        cli = build_cli(["--config", config, *overrides, "--trainer.max_steps", str(steps + warmup_steps + 1),
+        cli = build_cli(["--config", recipe, *overrides, "--trainer.max_steps", str(steps + warmup_steps + 1),
                          "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.default_root_dir", run_dir,
                          "--trainer.enable_progress_bar", "false", "--trainer.devices", "1"], run=False)
         timer = _StepTimer(warmup_steps)
@@ -200,7 +240,7 @@ def bench_fit(config: str = "configs/demo.yaml", steps: int = 30, warmup_steps: 
     ceiling = bench_model(hp.arch, dm.batch_size, dm.hparams.crop_size, str(cli.trainer.precision), hp.channels_last,
                           steps=min(steps, 20), warmup_steps=warmup_steps,
                           accelerator="cpu" if cli.trainer.strategy.root_device.type == "cpu" else "gpu")
-    row = {"config": config, "backend": dm.hparams.backend, "fit_images_per_sec": timer.rate, "ceiling_images_per_sec": ceiling}
+    row = {"recipe": recipe, "backend": dm.hparams.backend, "fit_images_per_sec": timer.rate, "ceiling_images_per_sec": ceiling}
     console().print(f"full pipeline {timer.rate:.1f} images/s = {100 * timer.rate / ceiling:.0f}% of the synthetic ceiling {ceiling:.1f}")
     return row
 
@@ -214,6 +254,7 @@ def bench_eval(
     batch_size: int = 12,
     num_workers: Optional[int] = None,
     accelerator: str = "auto",
+    time_loader: bool = False,
 ) -> list[dict]:
     """Images/s of `resnet evaluate` under each protocol at ImageNet geometry (resize 256, crop 224, scales
     224-640), with a randomly initialised network: the speed does not depend on the weights.
@@ -228,6 +269,8 @@ def bench_eval(
         batch_size: images per loader batch (all views of each).
         num_workers: loader processes; None = the CPUs this process may use, at most 8.
         accelerator: `cpu`, `gpu` or `auto`.
+        time_loader: also time the protocol's loader alone (same batch and workers, no model): when it is not
+            much faster than the evaluation, decoding and resizing on the CPU are the bottleneck.
     """
     if root is None:
         w, h = image_size
@@ -242,12 +285,21 @@ def bench_eval(
                 weights=str(weights), protocol=protocol, data={"root": root, "batch_size": batch_size, "num_workers": num_workers},
                 trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False},
             )
-            rows.append({k: result[k] for k in ("protocol", "views", "views_detail", "images", "images_per_sec", "precision")})
-    table = Table(title=f"resnet evaluate throughput: {arch}, {_device_name(accelerator)}, batch {batch_size}")
-    for col in ("protocol", "views", "images", "images/s", "views/s", "precision"):
+            row = {k: result[k] for k in ("protocol", "views", "views_detail", "images", "images_per_sec", "precision")}
+            if time_loader:
+                dm = EvalDataModule(root, batch_size=batch_size, num_workers=num_workers, views=EvalViews(protocol))
+                dm.setup("test")
+                # As `resnet evaluate` times: images after the first batch (worker start-up excluded).
+                row["loader_images_per_sec"] = _time_batches(dm.test_dataloader(), 1, len(dm.dataset), lambda b: b[1:])
+            rows.append(row)
+    workers = default_num_workers(num_workers)
+    table = Table(title=f"resnet evaluate throughput: {arch}, {_device_name(accelerator)}, batch {batch_size}, {workers} workers")
+    columns = ["protocol", "views", "images", "images/s", "views/s", "precision"] + ["loader alone, images/s"] * time_loader
+    for col in columns:
         table.add_column(col, justify="left" if col in ("protocol", "precision") else "right")
     for r in rows:
         table.add_row(r["views_detail"], str(r["views"]), str(r["images"]), f"{r['images_per_sec']:.2f}",
-                      f"{r['images_per_sec'] * r['views']:.1f}", r["precision"])
+                      f"{r['images_per_sec'] * r['views']:.1f}", r["precision"],
+                      *([f"{r['loader_images_per_sec']:.2f}"] if time_loader else []))
     console().print(table)
     return rows
