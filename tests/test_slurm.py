@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -159,3 +160,30 @@ def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
         assert result["images"] == 30
     table = Path(ensemble.group(2)).read_text()
     assert table.count("imagenet_r50-") >= 1 and table.count("imagenet_r101-") >= 1 and "ensemble" in table.lower(), table
+
+
+# Input errors, caught by the scripts before anything runs (no cluster needed: `bash` stands in for sbatch).
+def run_script(script: str, *args: str, **env: str):
+    base = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+    return subprocess.run(["bash", str(REPO / "slurm" / script), *args], env={**base, **env}, cwd="/",
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_scripts_name_the_checkout_they_cannot_find():
+    proc = run_script("imagenet_r50.sh", SLURM_SUBMIT_DIR="/tmp", SLURM_JOB_ID="7")
+    assert proc.returncode == 2
+    assert "/tmp/slurm/env.sh not found: sbatch from the checkout's root, or export RESNET_REPO" in proc.stderr
+
+
+def test_world_size_options_are_refused_and_ntasks_per_node_required():
+    slurm = {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1"}
+    proc = run_script("imagenet_r152.sh", "--trainer.devices", "4", SLURM_NTASKS_PER_NODE="8", **slurm)
+    assert proc.returncode == 2 and "--trainer.devices: the world size comes from #SBATCH --nodes" in proc.stderr
+    proc = run_script("imagenet_r152.sh", **slurm)
+    assert proc.returncode == 2 and "submit with --ntasks-per-node (one task per GPU), not --ntasks" in proc.stderr
+    proc = run_script("eval_10crop.sh", "/nonexistent/best.ckpt", SLURM_NTASKS_PER_NODE="8", **slurm)
+    assert proc.returncode == 2 and "/nonexistent/best.ckpt: no such checkpoint" in proc.stderr
+    proc = run_script("ensemble.sh", "only_one.pt", **slurm)
+    assert proc.returncode == 2 and "usage: sbatch slurm/ensemble.sh A.pt B.pt" in proc.stderr
+    proc = subprocess.run([str(REPO / "slurm/chain.sh"), "imagenet_r18"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "slurm/imagenet_r18.sh not found" in proc.stderr
