@@ -149,6 +149,14 @@ class SlurmCluster:
         return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
     def __exit__(self, *exc) -> None:
+        # Jobs first (a failed test may leave one running): their slurmstepd would outlive the daemons.
+        if getattr(self, "env", None):
+            jobs = self.run("squeue", "-h", "-o", "%i", check=False).stdout.split()
+            if jobs:
+                self.run("scancel", *jobs, check=False)
+                end = time.monotonic() + 30
+                while self.run("squeue", "-h", "-o", "%i", check=False).stdout.split() and time.monotonic() < end:
+                    time.sleep(0.5)
         for p in reversed(self.procs):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
