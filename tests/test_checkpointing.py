@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import run_resnet, tiny_fit_args
-from train.checkpointing import AtomicCheckpointIO, RequeueOnSignal, hpc_checkpoints
+from train.checkpointing import AtomicCheckpointIO, RequeueOnSignal, hpc_checkpoints, resume_path
 
 
 class Unpicklable:
@@ -44,3 +44,18 @@ def test_last_ckpt_is_the_latest_epoch_even_without_a_top_k_save(demo_root, tmp_
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt"]
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 18 and last["epoch"] == 1
+
+
+def test_resume_path_prefers_requeue_checkpoint_then_last_after_a_slurm_restart(tmp_path, monkeypatch):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert resume_path(tmp_path, last) is None  # a fresh run
+    last.parent.mkdir()
+    last.touch()
+    with pytest.raises(FileExistsError, match="last.ckpt exists: resume that run with --ckpt_path last"):
+        resume_path(tmp_path, last)  # a fresh fit would overwrite that run
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued after a node failure: no hpc_ckpt_N.ckpt
+    assert resume_path(tmp_path, last) == str(last)
+    (tmp_path / "hpc_ckpt_1.ckpt").touch()
+    (tmp_path / "hpc_ckpt_2.ckpt").touch()
+    assert resume_path(tmp_path, last) == str(tmp_path / "hpc_ckpt_2.ckpt")

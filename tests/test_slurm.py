@@ -120,6 +120,7 @@ def test_requeue_resumes_same_step_run_dir_and_wandb_run_then_evaluates(cluster,
     assert final["global_step"] == 6 * 9 and final["epoch"] == 5
     assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0", "version_1"]
     assert not list(run.glob(".*partial")) and not list(run.glob("checkpoints/.*partial"))
+    assert not list(run.glob("hpc_ckpt_*.ckpt")), "a finished run keeps no requeue checkpoint (last.ckpt is newer)"
 
     # One W&B run across both lives: two offline segments with the same id, the one in wandb_run_id.
     run_id = (run / "wandb_run_id").read_text().strip()

@@ -74,6 +74,31 @@ def hpc_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def resume_path(root: Path, last: Path) -> Optional[str]:
+    """Where a `fit` without --ckpt_path starts: the newest requeue checkpoint (hpc_ckpt_N.ckpt, saved on SLURM's
+    signal) if any; last.ckpt when SLURM restarted the job without one (node failure); otherwise a fresh start,
+    refused over an existing run (it would replace its best.ckpt and last.ckpt)."""
+    if requeued := hpc_checkpoints(root):
+        return str(requeued[-1])
+    if last.exists() and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        return str(last)
+    if last.exists():
+        raise FileExistsError(
+            f"{last} exists: resume that run with --ckpt_path last, or start a new one in another "
+            "--trainer.default_root_dir"
+        )
+    return None
+
+
+def close_process_group() -> None:
+    """Left to interpreter exit, a gloo process group sometimes aborts a rank ("terminate called without an active
+    exception") while its peers still shut down, failing the SLURM job after a successful fit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class Requeued(Exception):
     """Raised on every rank once the requeue checkpoint is saved: ends `fit` without validating or saving more."""
 
@@ -132,6 +157,13 @@ class RequeueOnSignal(Callback):
                 old.unlink(missing_ok=True)
         rank_zero_info(f"Signal {signal.Signals(self.signum).name}: saved {path} at global step {trainer.global_step}")
         raise Requeued(str(path))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The run finished: last.ckpt is newer. A later `fit` here (more epochs) must not resume from this one.
+        if trainer.is_global_zero:
+            for old in hpc_checkpoints(Path(trainer.default_root_dir)):
+                old.unlink(missing_ok=True)
+                rank_zero_info(f"Removed {old}: the run finished, checkpoints/last.ckpt supersedes it")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, Requeued) and trainer.is_global_zero:

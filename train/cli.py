@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import warnings
@@ -25,8 +24,9 @@ from train.checkpointing import (
     BestAndLastCheckpoint,
     Requeued,
     RequeueOnSignal,
-    hpc_checkpoints,
+    close_process_group,
     requeue,
+    resume_path,
 )
 from train.wandb_logging import configure_wandb, log_ensemble, log_safely, run_dir_of, wanted
 
@@ -58,7 +58,10 @@ class ResNetCLI(LightningCLI):
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
         if self.subcommand == "fit" and config.ckpt_path is None:
-            config.ckpt_path = self.resume_path(root, Path(config.checkpoint.dirpath) / "last.ckpt")
+            try:
+                config.ckpt_path = resume_path(root, Path(config.checkpoint.dirpath) / "last.ckpt")
+            except FileExistsError as e:
+                self.parser.error(str(e))
         if config.trainer.logger is not False:  # False: no logging at all
             # The CSV logger first: trainer.log_dir is the first logger's (logs/version_N/: config.yaml, the report).
             # Other loggers (e.g. configs/logger/wandb.yaml) come after it.
@@ -69,22 +72,6 @@ class ResNetCLI(LightningCLI):
                 loggers.insert(0, csv)
             config.trainer.logger = loggers
             configure_wandb(config, root)  # W&B loggers: run directory, stable run id, name; dashboards callback
-
-    def resume_path(self, root: Path, last: Path) -> Optional[str]:
-        """Where a `fit` without --ckpt_path starts: the newest requeue checkpoint (hpc_ckpt_N.ckpt, saved on
-        SLURM's signal) if any; last.ckpt when SLURM restarted the job without one (node failure); otherwise a
-        fresh start, refused over an existing run (it would replace its best.ckpt and last.ckpt)."""
-        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
-        if requeue := hpc_checkpoints(root):
-            return str(requeue[-1])
-        if last.exists() and restarted:
-            return str(last)
-        if last.exists():
-            self.parser.error(
-                f"{last} exists: resume that run with --ckpt_path last, or start a new one in another "
-                "--trainer.default_root_dir"
-            )
-        return None
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -170,15 +157,6 @@ def main(args: Optional[list[str]] = None) -> None:
         requeue(str(saved))
         sys.exit(0)
     close_process_group()
-
-
-def close_process_group() -> None:
-    """Left to interpreter exit, a gloo process group sometimes aborts a rank ("terminate called without an active
-    exception") while its peers still shut down, failing the SLURM job after a successful fit."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
