@@ -9,8 +9,6 @@ set -euo pipefail
 RESNET_REPO="${RESNET_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 # shellcheck source=slurm/env.sh
 source "$RESNET_REPO/slurm/env.sh"
-# shellcheck source=slurm/common.sh
-source "$RESNET_REPO/slurm/common.sh"
 
 recipes=()
 while (($#)) && [[ $1 != -- ]]; do

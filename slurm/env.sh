@@ -1,9 +1,10 @@
 # shellcheck shell=bash
-# Site settings for every script in slurm/, sourced by each of them. Override one by exporting it before `sbatch`
-# (sbatch hands the submitting shell's environment to the job), or change its default here once per cluster.
+# Site settings for every script in slurm/, sourced by each of them (then it loads their functions, common.sh).
+# Override one by exporting it before `sbatch` (sbatch hands the submitting shell's environment to the job), or
+# change its default here once per cluster.
 
 # The checkout holding configs/ (sbatch from its root: that is the job's SLURM_SUBMIT_DIR).
-export RESNET_REPO="${RESNET_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
+export RESNET_REPO="${RESNET_REPO:-${repo:-${SLURM_SUBMIT_DIR:-$PWD}}}"
 # ImageNet as `resnet prepare imagenet` lays it out (train/ and val/, one folder per wnid), on a shared file system.
 export IMAGENET_DIR="${IMAGENET_DIR:-/data/imagenet}"
 # Run directories: $RESNET_OUTPUT/<recipe>-<job id>/ holds checkpoints/, logs/, wandb/ and eval/.
@@ -19,3 +20,6 @@ export RESNET_WANDB="${RESNET_WANDB:-1}"
 # apptainer exec --nv. The checkout, ImageNet and the outputs are mounted at the same paths inside.
 export RESNET_CONTAINER="${RESNET_CONTAINER:-}"
 export RESNET_VENV="${RESNET_VENV:-$RESNET_REPO/.venv}"
+
+# shellcheck source=slurm/common.sh
+source "$RESNET_REPO/slurm/common.sh"

@@ -16,13 +16,10 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 set -euo pipefail
-RESNET_REPO="${RESNET_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"  # sbatch runs a copy of this file: find the checkout
-if [[ ! -f $RESNET_REPO/slurm/env.sh ]]; then
-    echo "error: $RESNET_REPO/slurm/env.sh not found: sbatch from the checkout's root, or export RESNET_REPO" >&2
-    exit 2
-fi
+# sbatch runs a copy of this file: settings and functions come from the checkout it was submitted from.
+repo="${RESNET_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}"
+[[ -f $repo/slurm/env.sh ]] ||
+    { echo "error: $repo/slurm/env.sh not found: sbatch from the checkout's root, or export RESNET_REPO" >&2; exit 2; }
 # shellcheck source=slurm/env.sh
-source "$RESNET_REPO/slurm/env.sh"
-# shellcheck source=slurm/common.sh
-source "$RESNET_REPO/slurm/common.sh"
+source "$repo/slurm/env.sh"
 resnet_fit imagenet_r101 --data.batch_size 512 --model.warmup_epochs 5 "$@"
