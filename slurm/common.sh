@@ -17,6 +17,9 @@ job_key() {
 
 # srun `resnet ARGS...` on every task of the job (or as the array srun_opts says), in the container if one is set.
 srun_opts=()
+# srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): without this, clusters that bind tasks to
+# CPUs pin each rank and all its loader workers to one core.
+[[ -z ${SLURM_CPUS_PER_TASK:-} ]] || export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
 resnet_srun() {
     local -a srun=(srun --kill-on-bad-exit=1 "${srun_opts[@]}")
     mkdir -p "$RESNET_OUTPUT"
@@ -58,16 +61,26 @@ resnet_fit() {
     shift
     [[ -f $RESNET_REPO/configs/$recipe.yaml ]] || die "$RESNET_REPO/configs/$recipe.yaml not found (RESNET_REPO)"
     check_world_args "$@"
-    local run_dir
-    run_dir="$RESNET_OUTPUT/$recipe-$(job_key)"
+    local run_dir="${RESNET_RUN_DIR:-}"  # set: continue that run (with --ckpt_path last) in a new job
+    [[ -n $run_dir ]] || run_dir="$RESNET_OUTPUT/$recipe-$(job_key)"
     local -a wandb=()
     [[ $RESNET_WANDB == 1 ]] && wandb=(--config configs/logger/wandb.yaml)
     echo "$(date -Is) job $(job_key) restart ${SLURM_RESTART_COUNT:-0}: $recipe on ${SLURM_JOB_NUM_NODES} node(s)" \
         "x ${SLURM_NTASKS_PER_NODE} task(s), run directory $run_dir"
     cd "$RESNET_REPO" || die "cannot enter $RESNET_REPO"
+    # On SLURM's signal `resnet fit` saves and exits with this code; the job is requeued from here, on the host,
+    # where scontrol works (a container has none).
+    export RESNET_REQUEUE_EXIT=75
+    local rc=0
     # Last, so that no option or --config before them can change them: the world size and the run directory.
     resnet_srun fit --config "configs/$recipe.yaml" "${wandb[@]}" \
         --data.root "$IMAGENET_DIR" --data.num_workers "${SLURM_CPUS_PER_TASK:-8}" "$@" \
         --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
-        --trainer.default_root_dir "$run_dir"
+        --trainer.default_root_dir "$run_dir" || rc=$?
+    if ((rc == RESNET_REQUEUE_EXIT)); then
+        echo "$(date -Is) requeueing job $(job_key): the next start resumes from $run_dir"
+        scontrol requeue "$(job_key)"
+        exit 0
+    fi
+    return "$rc"
 }

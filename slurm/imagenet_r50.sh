@@ -3,7 +3,7 @@
 # Global batch 256 = 8 GPUs x 32, the paper's; lr 0.1 (configs/imagenet_r50.yaml).
 # Submit from the checkout's root; options after the script name go to `resnet fit`:
 #   sbatch slurm/imagenet_r50.sh --data.backend dali
-# Settings (ImageNet, outputs, W&B, container): slurm/env.sh. On SIGUSR1, sent 180 s before the time limit, the
+# Settings (ImageNet, outputs, W&B, container): slurm/env.sh. On SIGUSR1, sent 300 s before the time limit, the
 # job saves hpc_ckpt_N.ckpt in its run directory and requeues itself; the next start resumes from it.
 #SBATCH --job-name=imagenet_r50
 #SBATCH --nodes=1
@@ -11,7 +11,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
-#SBATCH --signal=SIGUSR1@180
+#SBATCH --signal=SIGUSR1@300
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out

@@ -3,6 +3,9 @@ checks. The SLURM signal -> save -> requeue -> resume path runs for real in test
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 
@@ -59,3 +62,13 @@ def test_resume_path_prefers_requeue_checkpoint_then_last_after_a_slurm_restart(
     (tmp_path / "hpc_ckpt_1.ckpt").touch()
     (tmp_path / "hpc_ckpt_2.ckpt").touch()
     assert resume_path(tmp_path, last) == str(tmp_path / "hpc_ckpt_2.ckpt")
+    # The resumed run went on and saved last.ckpt; then SLURM restarted it without a signal (node failure).
+    os.utime(last, (time.time() + 60, time.time() + 60))
+    assert resume_path(tmp_path, last) == str(last)
+
+
+def test_the_command_line_writes_checkpoints_atomically(demo_root, tmp_path):
+    from train.cli import build_cli
+
+    cli = build_cli(tiny_fit_args(demo_root, tmp_path / "run")[1:], run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)

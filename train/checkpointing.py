@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -76,10 +77,15 @@ def hpc_checkpoints(root: Path) -> list[Path]:
 
 def resume_path(root: Path, last: Path) -> Optional[str]:
     """Where a `fit` without --ckpt_path starts: the newest requeue checkpoint (hpc_ckpt_N.ckpt, saved on SLURM's
-    signal) if any; last.ckpt when SLURM restarted the job without one (node failure); otherwise a fresh start,
+    signal) if any, unless last.ckpt was saved after it; last.ckpt when SLURM restarted the job without one (node failure); otherwise a fresh start,
     refused over an existing run (it would replace its best.ckpt and last.ckpt)."""
     if requeued := hpc_checkpoints(root):
-        return str(requeued[-1])
+        # The run may have gone on after that requeue and saved last.ckpt since: then a restart (node failure,
+        # SIGTERM preemption) must not go back to the requeue checkpoint.
+        newest = requeued[-1]
+        if last.exists() and last.stat().st_mtime > newest.stat().st_mtime:
+            return str(last)
+        return str(newest)
     if last.exists() and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
         return str(last)
     if last.exists():
@@ -124,11 +130,13 @@ class RequeueOnSignal(Callback):
         if not hasattr(signal, signal_name) or signal_name in ("SIGTERM", "SIGINT", "SIGKILL"):
             raise ValueError(f"requeue.signal_name={signal_name!r}: expected SIGUSR1 or SIGUSR2")
         self.signum = getattr(signal, signal_name)
-        self._received = False
+        self._received = self._armed = False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # Registered before the Trainer installs its handlers, which then leaves SIGUSR1 to this one.
-        if stage == "fit" and SLURMEnvironment.detect():
+        # The same answer on every rank, so all of them take part in the per-step all-reduce or none does.
+        self._armed = stage == "fit" and SLURMEnvironment.detect()
+        if self._armed:
             signal.signal(self.signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
@@ -143,7 +151,7 @@ class RequeueOnSignal(Callback):
             )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if not self._armed or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # between optimizer steps the accumulated gradients would be lost
         if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
             return
@@ -172,13 +180,29 @@ class RequeueOnSignal(Callback):
                     logger.experiment.finish()
 
 
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved; requeue me", for a batch script that requeues from the host
+
+
 def requeue(checkpoint: str) -> None:
-    """After `fit` ended with `Requeued` and tore down: rank 0 puts the job back in the queue. Last of all, because
-    SLURM stops the job's processes as soon as it is requeued."""
+    """After `fit` ended with `Requeued` and tore down: rank 0 puts the job back in the queue, last of all, because
+    SLURM stops the job's processes as soon as it is requeued. The scripts in slurm/ set RESNET_REQUEUE_EXIT and
+    requeue from the host after srun returns instead: inside a container there is no scontrol (or no munge)."""
+    code = os.environ.get("RESNET_REQUEUE_EXIT")
+    if code is None and shutil.which("scontrol") is None:
+        print(f"Saved {checkpoint}; no scontrol here (a container?): exit {REQUEUE_EXIT} for the batch script to "
+              "requeue the job", flush=True)
+        code = str(REQUEUE_EXIT)
+    if code is not None:
+        if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+            print(f"Saved {checkpoint}: exit {code}, the batch script requeues the job", flush=True)
+        raise SystemExit(int(code))
     if int(os.environ.get("SLURM_PROCID", "0")) != 0:
         return
     job = slurm_job_id()
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
-        raise SystemExit(f"scontrol requeue {job} failed: {done.stderr.strip()}; resubmit the job to resume from {checkpoint}")
+        raise SystemExit(
+            f"scontrol requeue {job} failed: {done.stderr.strip()}. Resume from {checkpoint} in a new job with "
+            f"--trainer.default_root_dir {Path(checkpoint).parent} (slurm/: RESNET_RUN_DIR={Path(checkpoint).parent})"
+        )
     print(f"Requeued SLURM job {job}: it resumes from {checkpoint}", flush=True)
