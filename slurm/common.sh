@@ -68,17 +68,19 @@ resnet_fit() {
     echo "$(date -Is) job $(job_key) restart ${SLURM_RESTART_COUNT:-0}: $recipe on ${SLURM_JOB_NUM_NODES} node(s)" \
         "x ${SLURM_NTASKS_PER_NODE} task(s), run directory $run_dir"
     cd "$RESNET_REPO" || die "cannot enter $RESNET_REPO"
-    # On SLURM's signal `resnet fit` saves and exits with this code; the job is requeued from here, on the host,
+    # On SLURM's signal `resnet fit` saves, writes this file and exits; the job is requeued from here, on the host,
     # where scontrol works (a container has none).
-    export RESNET_REQUEUE_EXIT=75
+    export RESNET_REQUEUE_FILE="$run_dir/requeue.request"
+    rm -f "$RESNET_REQUEUE_FILE"
     local rc=0
     # Last, so that no option or --config before them can change them: the world size and the run directory.
     resnet_srun fit --config "configs/$recipe.yaml" "${wandb[@]}" \
         --data.root "$IMAGENET_DIR" --data.num_workers "${SLURM_CPUS_PER_TASK:-8}" "$@" \
         --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
         --trainer.default_root_dir "$run_dir" || rc=$?
-    if ((rc == RESNET_REQUEUE_EXIT)); then
-        echo "$(date -Is) requeueing job $(job_key): the next start resumes from $run_dir"
+    if [[ -f $RESNET_REQUEUE_FILE ]]; then
+        echo "$(date -Is) requeueing job $(job_key): the next start resumes from $(cat "$RESNET_REQUEUE_FILE")"
+        rm -f "$RESNET_REQUEUE_FILE"
         scontrol requeue "$(job_key)"
         exit 0
     fi

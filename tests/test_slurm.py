@@ -113,7 +113,9 @@ def test_requeue_resumes_same_step_run_dir_and_wandb_run_then_evaluates(cluster,
     assert resumed.group(3) == job
     assert "config.yaml" not in text.split("Resumed from")[0].split("restart 1:")[-1]  # no "config.yaml exists"
     # The job script requeued it from the host after srun returned (no scontrol in a container).
-    assert f"exit 75, the batch script requeues the job" in text and f"requeueing job {job}" in text
+    assert f"the job script requeues the job ({run}/requeue.request)" in text
+    assert f"requeueing job {job}: the next start resumes from {run}/hpc_ckpt_1.ckpt" in text
+    assert not (run / "requeue.request").exists()
 
     # Same run directory: the second life logged into it and finished the whole schedule (6 epochs x 9 steps of
     # 2 ranks x 4 of the 72 images).

@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -180,25 +181,25 @@ class RequeueOnSignal(Callback):
                     logger.experiment.finish()
 
 
-REQUEUE_EXIT = 75  # EX_TEMPFAIL: "saved; requeue me", for a batch script that requeues from the host
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: saved, but no scontrol here to requeue with
 
 
 def requeue(checkpoint: str) -> None:
-    """After `fit` ended with `Requeued` and tore down: rank 0 puts the job back in the queue, last of all, because
-    SLURM stops the job's processes as soon as it is requeued. The scripts in slurm/ set RESNET_REQUEUE_EXIT and
-    requeue from the host after srun returns instead: inside a container there is no scontrol (or no munge)."""
-    code = os.environ.get("RESNET_REQUEUE_EXIT")
-    if code is None and shutil.which("scontrol") is None:
-        print(f"Saved {checkpoint}; no scontrol here (a container?): exit {REQUEUE_EXIT} for the batch script to "
-              "requeue the job", flush=True)
-        code = str(REQUEUE_EXIT)
-    if code is not None:
-        if int(os.environ.get("SLURM_PROCID", "0")) == 0:
-            print(f"Saved {checkpoint}: exit {code}, the batch script requeues the job", flush=True)
-        raise SystemExit(int(code))
+    """After `fit` ended with `Requeued` and tore down: rank 0 has the job put back in the queue, last of all,
+    because SLURM stops the job's processes as soon as it is requeued. The scripts in slurm/ set
+    RESNET_REQUEUE_FILE: rank 0 writes it and every rank exits 0; the script requeues from the host after srun
+    returns (a container has no scontrol or munge). Otherwise rank 0 runs `scontrol requeue` itself."""
     if int(os.environ.get("SLURM_PROCID", "0")) != 0:
         return
+    if request := os.environ.get("RESNET_REQUEUE_FILE"):
+        Path(request).write_text(checkpoint + "\n")
+        print(f"Saved {checkpoint}: the job script requeues the job ({request})", flush=True)
+        return
     job = slurm_job_id()
+    if shutil.which("scontrol") is None:
+        print(f"Saved {checkpoint}, but there is no scontrol here (a container?) to requeue job {job} with",
+              file=sys.stderr, flush=True)
+        raise SystemExit(REQUEUE_EXIT)
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(
