@@ -86,8 +86,9 @@ def read_log(path: Path) -> str:
 def test_requeue_resumes_same_step_run_dir_and_wandb_run_then_evaluates(cluster, job_env, tmp_path):
     out = Path(job_env["RESNET_OUTPUT"])
     log = tmp_path / "train.log"
+    # One loader worker per rank: SLURM signals every process of the step, workers included.
     job = sbatch(cluster, job_env, *SBATCH_CPU, f"--output={log}", "slurm/imagenet_r152.sh", *FIT_CPU,
-                 "--trainer.max_epochs", "6")
+                 "--trainer.max_epochs", "6", "--data.num_workers", "1")
     run = out / f"imagenet_r152-{job}"
     ckpt = run / "checkpoints" / "best.ckpt"
     evaluation = sbatch(cluster, job_env, *SBATCH_CPU, f"--output={tmp_path / 'eval.log'}",
