@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -55,6 +56,14 @@ def default_num_workers(requested: Optional[int] = None) -> int:
         return requested
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(8, cpus)
+
+
+def ignore_job_signals(worker_id: int) -> None:
+    """DataLoader worker start-up: SLURM and `docker stop` signal every process of a job, workers included; the
+    main process saves and shuts the workers down, so a worker that died of SIGTERM or SIGUSR1 first would only turn
+    that orderly stop into a "DataLoader worker killed" crash."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def trainer_world(trainer: Optional[pl.Trainer]) -> tuple[int, int]:
@@ -205,6 +214,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
+            worker_init_fn=ignore_job_signals,
             **kwargs,
         )
 

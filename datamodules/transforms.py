@@ -3,6 +3,7 @@ device (`normalize_batch`): workers ship uint8, a quarter of the bytes of float3
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, Sequence
 
 import torch
@@ -124,6 +125,13 @@ def normalize_batch(
 ) -> torch.Tensor:
     """uint8 NCHW batch to float32, scaled to 0-1 and normalised per channel."""
     x = images.float().div_(255.0)
-    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_constants(tuple(mean), tuple(std), x.device)
     return x.sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, C, 1, 1) float32 mean and std on `device`, made once: a tensor built from Python numbers on a GPU is a
+    synchronous host-to-device copy, which would stall every training step."""
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    return as_tensor(mean), as_tensor(std)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
+from train.model import is_log_step
 from train.wandb_logging import upload_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,11 +58,12 @@ class SaveConfigAndCommit(SaveConfigCallback):
 
 
 class ImagesPerSecond(Callback):
-    """Training throughput and what limits it, logged on the log steps:
+    """Training throughput and what limits it, logged on the log steps (`trainer.log_every_n_steps`) only:
     - `train/images_per_sec`: images of all ranks per second over the last `window` batches (training loaders
-      drop the last partial batch, so every rank steps with the same batch);
-    - `train/loader_wait_share`: the fraction of that time rank 0 waited for its next batch (loading, the copy to
-      the device, normalisation), the rest being the step itself; near 0 when the loader keeps up;
+      drop the last partial batch, so every rank steps with the same batch). On CUDA the window is timed by CUDA
+      events recorded after each step and read on the log steps: no step waits for the GPU to measure it;
+    - `train/loader_wait_share`: the fraction of that time rank 0's host waited for its next batch (loading, the copy
+      to the device, normalisation); near 0 when the loader keeps up (the host runs ahead of the GPU otherwise);
     - `train/gpu_mem_peak_gib`: on CUDA, the most memory rank 0's tensors have held since the epoch started;
     - `train/epoch_time_s` (per epoch): wall time of the epoch, its validation included.
     The window restarts each epoch so that validation and loader start-up are not counted."""
@@ -72,7 +74,8 @@ class ImagesPerSecond(Callback):
             window: training batches averaged over.
         """
         self.window = window
-        self._ends: deque[float] = deque(maxlen=window + 1)
+        self._ends: deque[float] = deque(maxlen=window + 1)  # host clock after each step (perf_counter seconds)
+        self._events: deque[torch.cuda.Event] = deque(maxlen=window + 1)  # CUDA: the same moments on the GPU's stream
         self._waits: deque[float] = deque(maxlen=window)
         self._epoch_start = 0.0
 
@@ -81,6 +84,7 @@ class ImagesPerSecond(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._ends.clear()
+        self._events.clear()
         self._waits.clear()
         self._epoch_start = time.perf_counter()
         if pl_module.device.type == "cuda":
@@ -91,15 +95,23 @@ class ImagesPerSecond(Callback):
             self._waits.append(time.perf_counter() - self._ends[-1])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        self._ends.append(time.perf_counter())
         cuda = pl_module.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize(pl_module.device)  # kernels are asynchronous: time what has run
-        self._ends.append(time.perf_counter())
-        if len(self._ends) > 1:
-            seconds = self._ends[-1] - self._ends[0]  # the last len(_waits) batches, waits included
-            images = (len(self._ends) - 1) * batch[0].size(0) * trainer.world_size
-            pl_module.log("train/images_per_sec", images / seconds, on_step=True, on_epoch=False)
-            pl_module.log("train/loader_wait_share", sum(self._waits) / seconds, on_step=True, on_epoch=False)
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()  # queued behind this step's kernels; costs the host nothing
+            self._events.append(event)
+        if len(self._ends) < 2 or not is_log_step(trainer, trainer.global_step):
+            return
+        host_seconds = self._ends[-1] - self._ends[0]  # the last len(_waits) batches, waits included
+        if cuda:
+            self._events[-1].synchronize()  # this step's kernels: the one wait, on log steps only
+            seconds = self._events[0].elapsed_time(self._events[-1]) / 1000
+        else:
+            seconds = host_seconds
+        images = (len(self._ends) - 1) * batch[0].size(0) * trainer.world_size
+        pl_module.log("train/images_per_sec", images / seconds, on_step=True, on_epoch=False)
+        pl_module.log("train/loader_wait_share", sum(self._waits) / host_seconds, on_step=True, on_epoch=False)
         if cuda:
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
             pl_module.log("train/gpu_mem_peak_gib", peak, on_step=True, on_epoch=False)

@@ -9,6 +9,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
@@ -110,40 +112,111 @@ class Requeued(Exception):
     """Raised on every rank once the requeue checkpoint is saved: ends `fit` without validating or saving more."""
 
 
+class Preempted(Exception):
+    """Raised on every rank once the checkpoint is saved after a SIGTERM (SLURM preemption or `scancel`, `docker
+    stop`, a node drain): ends `fit`; the process then exits 143 (128 + SIGTERM) without requeueing, which SLURM
+    does itself for a preempted `--requeue` job."""
+
+
+USR1, TERM = 0, 1  # positions in the flags the ranks agree on
+
+
+class AgreedFlags:
+    """Per-rank signal flags that every rank acts on at the same optimizer step, without a blocking collective or a
+    GPU synchronisation on any step. Each call starts an asynchronous all-reduce (max) of this rank's flags over a
+    gloo group of CPU tensors and returns the result of the one started `lag` calls earlier: by then it has long
+    finished, because DDP's gradient all-reduce keeps the ranks within a step of each other. Every rank makes the
+    same calls, so every rank reads the same answer at the same step. On one process the flags are returned at once.
+    """
+
+    def __init__(self, world_size: int, lag: int = 2) -> None:
+        """
+        Args:
+            world_size: processes of the run; 1 = no collective at all.
+            lag: calls between starting an all-reduce and reading it (the delay, in optimizer steps, before a
+                signal is acted on).
+        """
+        import torch.distributed as dist
+
+        self.lag = lag
+        # A group of its own: these small CPU all-reduces never queue behind NCCL's gradient buckets, nor they behind these.
+        self.group = dist.new_group(backend="gloo") if world_size > 1 else None
+        self._pending: deque[tuple[Any, torch.Tensor]] = deque()
+
+    def poll(self, flags: list[bool]) -> list[bool]:
+        """This rank's flags in; the flags of all ranks (any rank set = set) as of `lag` calls ago out."""
+        if self.group is None:
+            return flags
+        import torch.distributed as dist
+
+        local = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+        self._pending.append((dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group, async_op=True), local))
+        if len(self._pending) <= self.lag:
+            return [False] * len(flags)
+        work, agreed = self._pending.popleft()
+        work.wait()
+        return [bool(v) for v in agreed.tolist()]
+
+    def drain(self) -> None:
+        """Wait for the all-reduces still in flight (the same number on every rank) before the group goes away."""
+        while self._pending:
+            self._pending.popleft()[0].wait()
+
+
 class RequeueOnSignal(Callback):
-    """Under SLURM, `#SBATCH --signal=SIGUSR1@<s>` (sent <s> seconds before the time limit) or
-    `scancel --signal=USR1 JOB` makes every rank stop after the current optimizer step, save
-    `hpc_ckpt_N.ckpt` in the run directory (written by rank 0 from the DDP-synchronised state), and rank 0
-    `scontrol requeue`s the job. The requeued job keeps its id and run directory; Lightning resumes from the newest
-    `hpc_ckpt_N.ckpt` there at the same global step (a mid-epoch resume replays that epoch's data order from its
-    start: the loaders keep no position).
+    """Saves the run and ends `fit` on every rank at the same optimizer step when a job signal arrives:
+    - SIGUSR1 under SLURM (`#SBATCH --signal=SIGUSR1@<s>`, sent <s> seconds before the time limit, or
+      `scancel --signal=USR1 JOB`): `hpc_ckpt_N.ckpt` in the run directory, then `Requeued`, and `resnet` requeues
+      the job (see `requeue`); the requeued job keeps its id and run directory and Lightning resumes from the newest
+      `hpc_ckpt_N.ckpt` there at the same global step (a mid-epoch resume replays that epoch's data order from its
+      start: the loaders keep no position).
+    - SIGTERM, everywhere (SLURM preemption and `scancel`, `docker stop`): the same checkpoint, then `Preempted`,
+      and `resnet` exits 143. Lightning's own SIGTERM handling is replaced: it broadcasts a tensor from rank 0 on
+      every training step (a collective and a GPU synchronisation per step) and acts on the flag per rank.
 
-    The signal handler only sets a flag. Saving inside it, as Lightning's own SLURM handler does, can run between
-    two collectives of a DDP step or halfway through an optimizer step; here the ranks agree on the flag with one
-    all-reduce per step and save at the same, consistent point. `fit` then ends on every rank with `Requeued`, and
-    `resnet` requeues the job (see `requeue`)."""
+    The handlers only set flags. Saving inside a handler, as Lightning's own SLURM handler does, can run between two
+    collectives of a DDP step or halfway through an optimizer step; here the ranks agree on the flags through
+    `AgreedFlags` (an asynchronous all-reduce read `lag` steps later) and save at the same, consistent point, a few
+    steps after the signal (well within SLURM's warning time or grace period)."""
 
-    def __init__(self, signal_name: str = "SIGUSR1") -> None:
+    def __init__(self, signal_name: str = "SIGUSR1", lag_steps: int = 2) -> None:
         """
         Args:
             signal_name: the signal of `#SBATCH --signal=<name>@<seconds>` (no `B:`, so that srun's tasks get it).
+            lag_steps: optimizer steps between a signal and the save (the ranks' asynchronous agreement).
         """
         if not hasattr(signal, signal_name) or signal_name in ("SIGTERM", "SIGINT", "SIGKILL"):
             raise ValueError(f"requeue.signal_name={signal_name!r}: expected SIGUSR1 or SIGUSR2")
-        self.signum = getattr(signal, signal_name)
-        self._received = self._armed = False
+        if lag_steps < 1:
+            raise ValueError(f"requeue.lag_steps={lag_steps}: expected 1 or more")
+        self.signum, self.lag_steps = getattr(signal, signal_name), lag_steps
+        self._flags = [False, False]  # USR1, TERM
+        self._requeue_armed = False
+        self._agreed: Optional[AgreedFlags] = None
+        self._previous: dict[int, Any] = {}
+
+    def _install(self, signum: int, flag: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread (e.g. a notebook's worker thread)
+        self._previous.setdefault(signum, signal.getsignal(signum))
+        signal.signal(signum, lambda *_: self._flags.__setitem__(flag, True))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # Registered before the Trainer installs its handlers, which then leaves SIGUSR1 to this one.
-        # The same answer on every rank, so all of them take part in the per-step all-reduce or none does.
-        self._armed = stage == "fit" and SLURMEnvironment.detect()
-        if self._armed:
-            signal.signal(self.signum, self._on_signal)
-
-    def _on_signal(self, signum, frame) -> None:
-        self._received = True
+        if stage != "fit":
+            return
+        # Installed before the Trainer installs its handlers (which then leaves SIGUSR1 to this one), and before
+        # any loader worker starts (datamodules ignore both signals in workers: the main process decides).
+        self._requeue_armed = SLURMEnvironment.detect()
+        if self._requeue_armed:
+            self._install(self.signum, USR1)
+        self._install(signal.SIGTERM, TERM)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning has composed its SIGTERM handler with this one by now: take SIGTERM back, and drop its per-step
+        # rank-0 broadcast of the flag (a private method: Lightning has no public switch for it, 2.6).
+        self._install(signal.SIGTERM, TERM)
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
+        self._agreed = AgreedFlags(trainer.world_size, self.lag_steps)
         if trainer.ckpt_path:
             restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
             rank_zero_info(
@@ -152,10 +225,12 @@ class RequeueOnSignal(Callback):
             )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
-        if not self._armed or (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if self._agreed is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # between optimizer steps the accumulated gradients would be lost
-        if not trainer.strategy.reduce_boolean_decision(self._received, all=False):
+        usr1, term = self._agreed.poll(self._flags)
+        if not (usr1 or term):
             return
+        self._agreed.drain()
         root = Path(trainer.default_root_dir)
         older = hpc_checkpoints(root)
         number = int(HPC_CKPT.search(older[-1].name).group(1)) + 1 if older else 1
@@ -164,8 +239,13 @@ class RequeueOnSignal(Callback):
         if trainer.is_global_zero:
             for old in older:  # one full model + optimizer each: keep only the newest
                 old.unlink(missing_ok=True)
-        rank_zero_info(f"Signal {signal.Signals(self.signum).name}: saved {path} at global step {trainer.global_step}")
-        raise Requeued(str(path))
+        name = "SIGTERM" if term else signal.Signals(self.signum).name
+        rank_zero_info(f"Signal {name}: saved {path} at global step {trainer.global_step}")
+        raise (Preempted if term else Requeued)(str(path))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._agreed is not None:
+            self._agreed.drain()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The run finished: last.ckpt is newer. A later `fit` here (more epochs) must not resume from this one.
@@ -174,8 +254,18 @@ class RequeueOnSignal(Callback):
                 old.unlink(missing_ok=True)
                 rank_zero_info(f"Removed {old}: the run finished, checkpoints/last.ckpt supersedes it")
 
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            if threading.current_thread() is threading.main_thread() and handler is not None:
+                signal.signal(signum, handler)
+        self._previous.clear()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_handlers()  # after Lightning restored the ones it found (this callback's)
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, Requeued) and trainer.is_global_zero:
+        self._restore_handlers()
+        if isinstance(exception, (Requeued, Preempted)) and trainer.is_global_zero:
             for logger in trainer.loggers:  # flush W&B now: the requeue stops the job within seconds
                 if isinstance(logger, WandbLogger) and logger._experiment is not None:
                     logger.experiment.finish()

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +24,7 @@ from train.model import ImageNetClassifier
 from train.checkpointing import (
     AtomicCheckpointIO,
     BestAndLastCheckpoint,
+    Preempted,
     Requeued,
     RequeueOnSignal,
     close_process_group,
@@ -55,6 +58,10 @@ class ResNetCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = Path(config.trainer.default_root_dir or "runs/default")
         config.trainer.default_root_dir = str(root)
+        if config.trainer.enable_progress_bar is None:
+            # Interactive runs only: in a batch job (sbatch, docker without -t, a pipe) the bar fills the log, and
+            # reading its metrics each step synchronises the GPU with the host.
+            config.trainer.enable_progress_bar = sys.stderr.isatty()
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
         if self.subcommand == "fit" and config.ckpt_path is None:
@@ -104,10 +111,11 @@ def prepare_main(args: list[str]) -> None:
 
 
 def bench_main(args: list[str]) -> None:
-    from train import bench  # only this command needs it
+    from train import bench, node_report  # only this command needs them
 
     args = underscore_options(args)
-    commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval}
+    commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval,
+                "node": node_report.bench_node}
     auto_cli(commands, args=args, as_positional=False)
 
 
@@ -156,6 +164,11 @@ def main(args: Optional[list[str]] = None) -> None:
         close_process_group()
         requeue(str(saved))
         sys.exit(0)
+    except Preempted as saved:  # saved on SIGTERM: SLURM requeues a preempted --requeue job by itself
+        close_process_group()
+        if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+            print(f"SIGTERM: saved {saved}; a later `resnet fit` in the same run directory resumes from it", flush=True)
+        sys.exit(128 + signal.SIGTERM)
     close_process_group()
 
 

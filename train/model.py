@@ -40,6 +40,14 @@ def load_state_dict_file(net: nn.Module, path: str) -> None:
     net.load_state_dict(state)
 
 
+def is_log_step(trainer: pl.Trainer, step: int) -> bool:
+    """Whether Lightning sends the values logged for optimizer step `step` (1-based: `global_step` after the step,
+    `global_step + 1` inside `training_step`) to the loggers: every `log_every_n_steps`-th step, and the last one.
+    Values needed only there are computed only there, so that other steps never wait for the GPU."""
+    n = trainer.log_every_n_steps
+    return n > 0 and (step % n == 0 or trainer.should_stop)
+
+
 class ImageNetClassifier(pl.LightningModule):
     def __init__(
         self,
@@ -87,8 +95,11 @@ class ImageNetClassifier(pl.LightningModule):
         if channels_last:  # before DDP wraps the model
             self.net.to(memory_format=torch.channels_last)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
-        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        # Training metrics update on every step without reading a value back to the host (a GPU synchronisation):
+        # no NaN scan of the loss (checked on the log steps instead) and no input validation. Training batches are
+        # all full, so the unweighted mean of batch losses is the mean over images.
+        self.train_loss, self.val_loss = MeanMetric(nan_strategy="disable"), MeanMetric()
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.val_images = SumMetric()  # proves each validation image was counted exactly once
@@ -113,12 +124,21 @@ class ImageNetClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self.criterion(logits, labels)
-        # Step values are this rank's batch; epoch values are reduced over all ranks by torchmetrics.
-        self.train_loss(loss.detach(), weight=labels.numel())
+        # Step values are this rank's batch; epoch values are reduced over all ranks by torchmetrics. The progress
+        # bar reads its metrics back every step: only when there is one (interactive runs).
+        self.train_loss(loss.detach())
         self.train_acc1(logits.detach(), labels)
-        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True,
+                 prog_bar=self.trainer.progress_bar_callback is not None)
         self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        if is_log_step(self.trainer, self.trainer.global_step + 1):
+            if not torch.isfinite(loss):  # one read per log step, where the logger reads the values anyway
+                raise FloatingPointError(
+                    f"train/loss is {loss.item()} at global step {self.trainer.global_step + 1} (lr "
+                    f"{self.optimizers().param_groups[0]['lr']:.4g}): training diverged; resume from "
+                    "checkpoints/last.ckpt with a lower model.lr_per_256 or a longer model.warmup_epochs"
+                )
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
