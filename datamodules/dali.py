@@ -98,7 +98,11 @@ def _graph(files: list[str], labels: list[int], *, train: bool, device: str, cro
         short = dmath.min(height, width)
         # torchvision's Resize truncates the longer side (DALI's resize_shorter would round it).
         new_h, new_w = dmath.floor(resize * height / short), dmath.floor(resize * width / short)
-        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False)
+        # nvJPEG's default chroma upsampling replicates pixels; libjpeg-turbo (torchvision, DALI's CPU decoder)
+        # interpolates. On 4:2:0 JPEGs that moved the 224/256 crops by ~4/255 on average, up to 100 (libjpeg-turbo's
+        # own fast upsampling as the stand-in, demo textures). The CPU decoder ignores the flag.
+        images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB, adjust_orientation=False,
+                                   jpeg_fancy_upsampling=True)
         images = fn.resize(images, device=ops, resize_x=new_w, resize_y=new_h, interp_type=types.INTERP_LINEAR,
                            antialias=True)
         mirror, pos_x, pos_y = 0, _centre_crop_pos(new_w, crop), _centre_crop_pos(new_h, crop)
@@ -106,7 +110,9 @@ def _graph(files: list[str], labels: list[int], *, train: bool, device: str, cro
         images, device=ops, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y, mirror=mirror,
         mean=MEAN_255, std=STD_255, dtype=types.FLOAT, output_layout="HWC",
     )
-    return images, labels
+    # Labels beside the images: on the GPU a CPU label tensor would reach the device through a copy from pageable
+    # memory each step, which waits for the stream's queued work.
+    return images, labels.gpu() if device == "gpu" else labels
 
 
 class DaliLoader:

@@ -306,6 +306,12 @@ class EpochLoader(Loader):
                 with contextlib.suppress(queue.Empty):
                     self._running.output_queue.get(timeout=0.1)
             self._running.close()
+            # With ToDevice, each batch was copied on one of FFCV's CUDA streams into pinned host and device buffers
+            # that are freed with this iterator; a copy queued behind the model's work may still be pending (a pass
+            # left half read). Wait for them before the next pass's buffers can reuse that memory.
+            for stream in self._running.cuda_streams:
+                if stream is not None:
+                    stream.synchronize()
         threads = torch.get_num_threads()
         self._running = super().__iter__()
         torch.set_num_threads(threads)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import csv
 import math
 import shutil
+import warnings
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -141,3 +143,46 @@ def test_bf16_gpu_evaluation_stays_close_to_float32(gpu_run, eval_root, precisio
     assert (bf16["probs"].float() - fp32["probs"].float()).abs().max() < 0.1  # bfloat16: ~3 significant digits
     assert abs(bf16["acc1"] - fp32["acc1"]) <= 100 * 2 / 120 + 1e-9  # at most 2 of 120 images change
     assert abs(bf16["acc5"] - fp32["acc5"]) <= 100 * 2 / 120 + 1e-9
+
+
+class SyncsPerStep(pl.Callback):
+    """CUDA synchronisations torch reports (its sync debug mode) from one training batch's start to the next one's:
+    the step, its hooks, Lightning's logging and the next fetch and copy, by the global step the batch completed."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, list[str]] = {}
+        self._caught = None
+
+    def _close(self, step: int) -> None:
+        if self._caught is not None:
+            torch.cuda.set_sync_debug_mode(0)
+            self._caught.__exit__(None, None, None)
+            self.steps[step] = [str(w.message) for w in self._records if "synchroniz" in str(w.message)]
+            self._caught = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._close(trainer.global_step)
+        self._caught = warnings.catch_warnings(record=True)
+        self._records = self._caught.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._close(trainer.global_step)
+
+
+def test_training_steps_between_log_steps_never_synchronise_the_gpu(demo_root, tmp_path):
+    from train.cli import build_cli
+
+    args = tiny_fit_args(demo_root, tmp_path / "run", *GPU, "--trainer.precision", "bf16-mixed",
+                         "--model.channels_last", "true", "--data.num_workers", "2", "--trainer.max_epochs", "1",
+                         "--trainer.log_every_n_steps", "4", "--trainer.limit_val_batches", "0")[1:]
+    cli = build_cli(args, run=False)
+    probe = SyncsPerStep()
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert sorted(probe.steps) == list(range(1, 10))
+    # Step 1 includes start-up (cuDNN, the allocator); 4 and 8 are log steps; 9 ends the epoch.
+    quiet = {step: syncs for step, syncs in probe.steps.items() if step not in (1, 4, 8, 9)}
+    assert quiet and all(not syncs for syncs in quiet.values()), quiet
+    assert probe.steps[4], "the log step reads values back: the probe sees synchronisations"
