@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 DEMO_DATA := .cache/demo_imagenet
 DEMO_RUN := runs/demo
 DEMO_EVAL := runs/demo_eval
+GPU_CHECK_OUT ?= runs/gpu_check
 
-.PHONY: setup slurm-packages demo test clean
+.PHONY: setup slurm-packages demo test gpu-check clean
 
 # torch/torchvision: pip takes 2.14.1/0.29.1 from this machine's disk; pyproject admits them.
 # FFCV builds against system libraries: installed from Debian when missing (CI runs as root).
@@ -43,6 +44,12 @@ demo: setup
 
 test: setup slurm-packages
 	$(BIN)/python -m pytest -q --timeout 600
+
+# What this machine does with the project: GPU, versions, training-step ceilings, the full pipeline per loader,
+# loaders alone, evaluation, Lightning's overhead, the GPU tests; $(GPU_CHECK_OUT)/node_report.{json,md}.
+# ~6-8 min on one H100/H200; small sizes on a CPU (~1-2 min). Exit status 1 when a part failed.
+gpu-check: setup
+	$(BIN)/resnet bench node --output $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(DEMO_RUN) $(DEMO_RUN)_r34 $(DEMO_EVAL) .cache .pytest_cache

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing
+import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -17,10 +23,10 @@ from rich.table import Table
 from torchvision import datasets
 from torchvision import transforms as v1
 
-from datamodules.demo import write_demo_dataset
+from datamodules.demo import DEMO_CLASSES, write_demo_dataset
 from datamodules.evaluation import EvalDataModule
 from datamodules.imagenet import ImageNetDataModule, default_num_workers
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalViews
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, PAPER_SCALES, EvalViews
 from train.evaluate import evaluate
 from train.model import Arch, build_resnet
 from train.results import console
@@ -59,6 +65,113 @@ def _pil_imagefolder(root: str, crop_size: int, batch_size: int, num_workers: in
                                        drop_last=True, persistent_workers=num_workers > 0)
 
 
+# Images per class and split in one writer task (32 x 6 classes: ~5 s of one core). The tasks depend on the counts
+# alone, so a request gives the same files on any machine, whatever its number of CPUs.
+_SHARD_IMAGES = 32
+
+
+def _cpus() -> int:
+    """CPUs this process may use (a SLURM allocation, a taskset), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _write_shard(task: tuple) -> None:
+    write_demo_dataset(*task)
+
+
+def write_bench_dataset(train_per_class: int, val_per_class: int, image_size: tuple[int, int] = (500, 375),
+                        workers: Optional[int] = None, cache: str = ".cache") -> Path:
+    """ImageNet-sized JPEGs (the demo's 6 texture classes, quality 90) for benchmarks, written once into
+    `<cache>/bench_<w>x<h>_<train>_<val>` by several processes: a 500x375 image costs ~30 ms of one core to
+    draw and encode, so the 9,216 of a GPU run take ~5 min on one core, ~20 s on 16.
+
+    Args:
+        train_per_class: training images per class.
+        val_per_class: validation images per class.
+        image_size: (width, height) of every image; 500x375 is ImageNet's most common size.
+        workers: writer processes; None = the CPUs this process may use.
+        cache: folder holding the generated sets.
+    """
+    w, h = image_size
+    dst = Path(cache) / f"bench_{w}x{h}_{train_per_class}_{val_per_class}"
+    spec = {"train_per_class": train_per_class, "val_per_class": val_per_class, "image_size": [w, h], "shard": _SHARD_IMAGES}
+    marker = dst / "bench_spec.json"
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return dst
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    chunks = lambda n: [min(_SHARD_IMAGES, n - i) for i in range(0, n, _SHARD_IMAGES)]
+    train, val = chunks(train_per_class), chunks(val_per_class)
+    count = max(len(train), len(val), 1)
+    train, val = train + [0] * (count - len(train)), val + [0] * (count - len(val))
+    # Shard k is the demo set drawn with seed k: every image differs, and the same request draws the same ones.
+    tasks = [(tmp / f"shard{k}", train[k], val[k], k, (w, h)) for k in range(count)]
+    workers = min(workers or _cpus(), count)
+    if workers > 1:
+        # fork: no re-import of torch in each process; spawn once CUDA has started (a forked CUDA context breaks).
+        context = multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else "fork")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            list(pool.map(_write_shard, tasks))
+    else:
+        for task in tasks:
+            _write_shard(task)
+    for split in ("train", "val"):
+        for wnid in DEMO_CLASSES:
+            (tmp / split / wnid).mkdir(parents=True)
+            for k, task in enumerate(tasks):
+                for image in sorted((task[0] / split / wnid).glob("*.JPEG")):
+                    os.replace(image, tmp / split / wnid / f"s{k}_{image.name}")
+    shutil.copy(tasks[0][0] / "synsets.txt", tmp / "synsets.txt")
+    for task in tasks:
+        shutil.rmtree(task[0])
+    (tmp / marker.name).write_text(json.dumps(spec))
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)  # complete or absent
+    return dst
+
+
+def ensure_ffcv(root: str) -> Path:
+    """`<root>/ffcv` holding train.beton and val.beton, written by `resnet prepare ffcv` when missing."""
+    dst = Path(root) / "ffcv"
+    if not all((dst / f"{split}.beton").is_file() for split in ("train", "val")):
+        # In a fresh process, before any loader starts: FFCV's writer forks workers that compile with numba on
+        # a first run, and such a fork deadlocked here in a process already running DALI and loader threads.
+        subprocess.run([str(Path(sys.executable).parent / "resnet"), "prepare", "ffcv", "--root", str(root),
+                        "--dst", str(dst)], check=True)
+    return dst
+
+
+def loader_rate(
+    root: str,
+    backend: Backend,
+    *,
+    batch_size: int,
+    num_workers: int,
+    crop_size: int,
+    warmup_batches: int,
+    batches: int,
+    ffcv_dir: Optional[str] = None,
+    accelerator: Literal["cpu", "gpu"] = "cpu",
+) -> float:
+    """Images/s of one backend's training loader alone (see bench_data); on `gpu` DALI decodes with nvJPEG
+    (`data.dali_device gpu`, what training on a GPU uses) and every batch is copied to the GPU and normalised there."""
+    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
+
+    def on_device(batch):  # what Lightning's batch transfer does (pinned host batches: asynchronous copies)
+        if device.type == "cuda":
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            torch.cuda.synchronize(device)
+        return batch
+
+    if backend == "pil":
+        loader = _pil_imagefolder(root, crop_size, batch_size, num_workers)
+        return _time_batches(loader, warmup_batches, batches, on_device)
+    dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
+                            backend=backend, ffcv_dir=ffcv_dir, dali_device="gpu" if device.type == "cuda" else "cpu")
+    dm.setup("fit")
+    return _time_batches(dm.train_dataloader(), warmup_batches, batches, lambda b: dm.on_after_batch_transfer(on_device(b), 0))
+
+
 def bench_data(
     root: Optional[str] = None,
     backends: list[Backend] = ["pil", "torchvision", "dali", "ffcv"],
@@ -83,38 +196,18 @@ def bench_data(
         batches: batches timed.
         ffcv_dir: folder with train.beton (`resnet prepare ffcv`); None = <root>/ffcv, written if missing.
         accelerator: `gpu`: each batch is copied to the GPU and normalised there, as in training (the copy
-            and the normalisation are timed); `cpu`: normalised in this process.
+            and the normalisation are timed), and DALI decodes on the GPU; `cpu`: normalised in this process,
+            DALI's CPU pipeline.
     """
     if root is None:
-        n = (warmup_batches + batches + 1) * batch_size // 6 + 1
-        root = str(write_demo_dataset(f".cache/bench_500x375_train{n}", n, 1, image_size=(500, 375)))
-    if "ffcv" in backends and ffcv_dir is None and not (Path(root) / "ffcv/train.beton").is_file():
-        # In a fresh process, before any loader starts: FFCV's writer forks workers that compile with numba on
-        # a first run, and such a fork deadlocked here in a process already running DALI and loader threads.
-        subprocess.run([str(Path(sys.executable).parent / "resnet"), "prepare", "ffcv", "--root", root,
-                        "--dst", str(Path(root) / "ffcv")], check=True)
-    device = torch.device("cuda" if accelerator == "gpu" else "cpu")
-
-    def on_device(batch):  # what Lightning's batch transfer does (pinned host batches: asynchronous copies)
-        if device.type == "cuda":
-            batch = [t.to(device, non_blocking=True) for t in batch]
-            torch.cuda.synchronize(device)
-        return batch
-
+        root = str(write_bench_dataset((warmup_batches + batches + 1) * batch_size // 6 + 1, 1))
+    if "ffcv" in backends and ffcv_dir is None:
+        ensure_ffcv(root)
     rows = []
     for backend in backends:
-        if backend == "pil":
-            loader = _pil_imagefolder(root, crop_size, batch_size, num_workers)
-            to_model = on_device
-        else:
-            dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
-                                    backend=backend, ffcv_dir=ffcv_dir)
-            dm.setup("fit")
-            loader = dm.train_dataloader()
-            to_model = lambda b, dm=dm: dm.on_after_batch_transfer(on_device(b), 0)
-        rate = _time_batches(loader, warmup_batches, batches, to_model)
+        rate = loader_rate(root, backend, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
+                           warmup_batches=warmup_batches, batches=batches, ffcv_dir=ffcv_dir, accelerator=accelerator)
         rows.append({"backend": backend, "images_per_sec": rate})
-        del loader
     table = Table(title=f"Loader throughput: RandomResizedCrop {crop_size} + flip + normalise, batch {batch_size}, "
                         f"{num_workers} workers, {_device_name(accelerator)}")
     table.add_column("backend")
@@ -202,47 +295,95 @@ def bench_model(
     return rate
 
 
-class _StepTimer(pl.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.images = warmup, None, 0
+class StepTimer(pl.Callback):
+    """Images/s of the `steps` training steps after the first `warmup`, timed as bench_model times: one device
+    sync when the window opens and one when it closes, none in between (a sync per step would drain the GPU's
+    queue of kernels at every step, which a real run does not do)."""
+
+    def __init__(self, warmup: int, steps: int):
+        self.warmup, self.steps = warmup, steps
+        self.start: Optional[float] = None
+        self.rate: Optional[float] = None
+        self.images = 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        if trainer.global_step == self.warmup:
-            self.start = time.perf_counter()
-        elif trainer.global_step > self.warmup:
+        step = trainer.global_step  # optimizer steps done, this batch's included
+        if self.start is not None and self.rate is None:
             self.images += batch[0].shape[0]
-            self.rate = self.images / (time.perf_counter() - self.start)
+        if (step == self.warmup and self.start is None) or (step == self.warmup + self.steps and self.rate is None):
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            if self.start is None:
+                self.start = time.perf_counter()
+            else:
+                self.rate = self.images / (time.perf_counter() - self.start)
+
+
+def fit_cli(args: list[str]):
+    """`resnet fit`'s command line (train.cli.build_cli) parsed from `args` and instantiated, not run."""
+    from train.cli import build_cli  # the full recipe, parsed as `resnet fit` parses it
+
+    with warnings.catch_warnings():
+        # LightningCLI warns when sys.argv holds arguments too: here they are `bench ...`, not meant for it.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return build_cli(args, run=False)
+
+
+def fit_rate(recipe: str, steps: int, warmup_steps: int, overrides: list[str]) -> dict:
+    """Images/s of `resnet fit --config recipe *overrides` on one device over `steps` steps after `warmup_steps`
+    (validation, logger and progress bar off; checkpoints into a temporary folder), and the settings that
+    decide the matching synthetic ceiling: arch, batch_size, crop_size, precision, channels_last, compile,
+    accelerator (`cpu` or `gpu`), backend, num_workers."""
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps={warmup_steps}: at least 1 (the timed window opens at the end of a step)")
+    with tempfile.TemporaryDirectory() as run_dir:  # the bench's checkpoints and logs are not kept
+        cli = fit_cli(["--config", recipe, *overrides, "--trainer.max_steps", str(steps + warmup_steps),
+                       "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.default_root_dir", run_dir,
+                       "--trainer.enable_progress_bar", "false", "--trainer.devices", "1"])
+        timer = StepTimer(warmup_steps, steps)
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    if timer.rate is None:
+        raise RuntimeError(f"{recipe}: training stopped after {cli.trainer.global_step} of {steps + warmup_steps} steps")
+    hp, dm = cli.model.hparams, cli.datamodule
+    return {"images_per_sec": timer.rate, "arch": hp.arch, "batch_size": dm.batch_size, "crop_size": dm.hparams.crop_size,
+            "precision": str(cli.trainer.precision), "channels_last": hp.channels_last, "compile": hp.compile,
+            "accelerator": "cpu" if cli.trainer.strategy.root_device.type == "cpu" else "gpu",
+            "backend": dm.hparams.backend, "num_workers": default_num_workers(dm.hparams.num_workers)}
 
 
 def bench_fit(recipe: str = "configs/demo.yaml", steps: int = 30, warmup_steps: int = 5, overrides: list[str] = []) -> dict:
     """The full pipeline (loader + model + optimizer, one process) against the synthetic ceiling of the same
-    model, batch, crop and precision: prints the ratio.
+    model, batch, crop, precision, layout and compilation: prints the ratio.
 
     Args:
         recipe: a `resnet fit` config file, e.g. configs/imagenet_r50.yaml. (Not named `config`: jsonargparse's
             auto_cli drops a parameter of that name, so `--config X` silently benchmarked the default recipe.)
         steps: steps timed (after warm-up), within the first epoch.
-        warmup_steps: steps before timing.
+        warmup_steps: steps before timing (with `--model.compile true`: the compilation).
         overrides: extra `resnet fit` arguments, e.g. ["--data.backend", "dali", "--data.root", "/data/imagenet"].
     """
-    from train.cli import build_cli  # the full recipe, parsed as `resnet fit` parses it
-
-    with tempfile.TemporaryDirectory() as run_dir:  # the bench's checkpoints and logs are not kept
-        cli = build_cli(["--config", recipe, *overrides, "--trainer.max_steps", str(steps + warmup_steps + 1),
-                         "--trainer.limit_val_batches", "0", "--trainer.logger", "false", "--trainer.default_root_dir", run_dir,
-                         "--trainer.enable_progress_bar", "false", "--trainer.devices", "1"], run=False)
-        timer = _StepTimer(warmup_steps)
-        cli.trainer.callbacks.append(timer)
-        cli.trainer.fit(cli.model, cli.datamodule)
-    hp, dm = cli.model.hparams, cli.datamodule
-    ceiling = bench_model(hp.arch, dm.batch_size, dm.hparams.crop_size, str(cli.trainer.precision), hp.channels_last,
-                          steps=min(steps, 20), warmup_steps=warmup_steps,
-                          accelerator="cpu" if cli.trainer.strategy.root_device.type == "cpu" else "gpu")
-    row = {"recipe": recipe, "backend": dm.hparams.backend, "fit_images_per_sec": timer.rate, "ceiling_images_per_sec": ceiling}
-    console().print(f"full pipeline {timer.rate:.1f} images/s = {100 * timer.rate / ceiling:.0f}% of the synthetic ceiling {ceiling:.1f}")
+    fit = fit_rate(recipe, steps, warmup_steps, overrides)
+    ceiling = bench_model(fit["arch"], fit["batch_size"], fit["crop_size"], fit["precision"], fit["channels_last"],
+                          steps=min(steps, 20), warmup_steps=warmup_steps, accelerator=fit["accelerator"],
+                          compile=fit["compile"])
+    row = {"recipe": recipe, "backend": fit["backend"], "fit_images_per_sec": fit["images_per_sec"],
+           "ceiling_images_per_sec": ceiling}
+    console().print(f"full pipeline {fit['images_per_sec']:.1f} images/s = {100 * fit['images_per_sec'] / ceiling:.0f}% "
+                    f"of the synthetic ceiling {ceiling:.1f}")
     return row
+
+
+def eval_rate(weights: str, root: str, protocol: str, *, batch_size: int, num_workers: Optional[int], accelerator: str,
+              crop_size: int = 224, resize_size: int = 256, scales: list[int] = list(PAPER_SCALES)) -> dict:
+    """One `resnet evaluate` run of a state-dict file on `root`/val under `protocol`: its protocol, views,
+    views_detail, images, images_per_sec (after the first batch) and precision."""
+    result = evaluate(
+        weights=weights, protocol=protocol, crop_size=crop_size, resize_size=resize_size, scales=scales,
+        data={"root": root, "batch_size": batch_size, "num_workers": num_workers},
+        trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False},
+    )
+    return {k: result[k] for k in ("protocol", "views", "views_detail", "images", "images_per_sec", "precision")}
 
 
 def bench_eval(
@@ -255,9 +396,12 @@ def bench_eval(
     num_workers: Optional[int] = None,
     accelerator: str = "auto",
     time_loader: bool = False,
+    crop_size: int = 224,
+    resize_size: int = 256,
+    scales: list[int] = list(PAPER_SCALES),
 ) -> list[dict]:
-    """Images/s of `resnet evaluate` under each protocol at ImageNet geometry (resize 256, crop 224, scales
-    224-640), with a randomly initialised network: the speed does not depend on the weights.
+    """Images/s of `resnet evaluate` under each protocol, by default at ImageNet geometry (resize 256, crop 224,
+    scales 224-640), with a randomly initialised network: the speed does not depend on the weights.
 
     Args:
         arch: network depth.
@@ -271,28 +415,32 @@ def bench_eval(
         accelerator: `cpu`, `gpu` or `auto`.
         time_loader: also time the protocol's loader alone (same batch and workers, no model): when it is not
             much faster than the evaluation, decoding and resizing on the CPU are the bottleneck.
+        crop_size: center and 10crop crop side, pixels.
+        resize_size: center and 10crop shorter side before cropping, pixels.
+        scales: multiscale shorter sides, pixels.
     """
     if root is None:
-        w, h = image_size
-        root = str(write_demo_dataset(f".cache/bench_{w}x{h}_{images_per_class}", 1, images_per_class, image_size=(w, h)))
+        root = str(write_bench_dataset(1, images_per_class, image_size=tuple(image_size)))
     classes = len([p for p in (Path(root) / "val").iterdir() if p.is_dir()])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / f"{arch}.pth"
         torch.save(build_resnet(arch, num_classes=classes).state_dict(), weights)
         for protocol in protocols:
-            result = evaluate(
-                weights=str(weights), protocol=protocol, data={"root": root, "batch_size": batch_size, "num_workers": num_workers},
-                trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False},
-            )
-            row = {k: result[k] for k in ("protocol", "views", "views_detail", "images", "images_per_sec", "precision")}
+            row = eval_rate(str(weights), root, protocol, batch_size=batch_size, num_workers=num_workers,
+                            accelerator=accelerator, crop_size=crop_size, resize_size=resize_size, scales=scales)
             if time_loader:
-                dm = EvalDataModule(root, batch_size=batch_size, num_workers=num_workers, views=EvalViews(protocol))
+                views = EvalViews(protocol, crop_size=crop_size, resize_size=resize_size, scales=tuple(scales))
+                dm = EvalDataModule(root, batch_size=batch_size, num_workers=num_workers, views=views)
                 dm.setup("test")
                 # As `resnet evaluate` times: images after the first batch (worker start-up excluded).
                 row["loader_images_per_sec"] = _time_batches(dm.test_dataloader(), 1, len(dm.dataset), lambda b: b[1:])
             rows.append(row)
-    workers = default_num_workers(num_workers)
+    _print_eval_table(rows, arch, accelerator, batch_size, default_num_workers(num_workers), time_loader)
+    return rows
+
+
+def _print_eval_table(rows: list[dict], arch: str, accelerator: str, batch_size: int, workers: int, time_loader: bool) -> None:
     table = Table(title=f"resnet evaluate throughput: {arch}, {_device_name(accelerator)}, batch {batch_size}, {workers} workers")
     columns = ["protocol", "views", "images", "images/s", "views/s", "precision"] + ["loader alone, images/s"] * time_loader
     for col in columns:
@@ -302,4 +450,3 @@ def bench_eval(
                       f"{r['images_per_sec'] * r['views']:.1f}", r["precision"],
                       *([f"{r['loader_images_per_sec']:.2f}"] if time_loader else []))
     console().print(table)
-    return rows
