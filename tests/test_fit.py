@@ -83,3 +83,18 @@ def test_imagenet_recipe_runs_bf16_channels_last(demo_root, tmp_path):
     assert config["trainer"]["precision"] == "bf16-mixed" and config["model"]["channels_last"] is True
     assert config["model"]["arch"] == "resnet50" and ckpt["global_step"] == 2
     assert ckpt["state_dict"]["net.conv1.weight"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_max_steps_without_max_epochs_keeps_the_epoch_schedule(demo_root, tmp_path):
+    """`--trainer.max_epochs null --trainer.max_steps N` (a step budget): Lightning has not sized the loader when the
+    optimizer is configured; the schedule's epochs (warmup, milestones) still need its 9 steps per epoch."""
+    from train.cli import build_cli
+
+    cli = build_cli(tiny_fit_args(demo_root, tmp_path / "run", "--trainer.max_epochs", "null", "--trainer.max_steps",
+                                  "3", "--trainer.limit_val_batches", "0", "--model.lr_schedule", "step",
+                                  "--model.warmup_epochs", "1")[1:], run=False)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step == 3
+    lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
+    peak = 0.4 * 8 / 256  # demo.yaml's lr_per_256 at batch 8
+    assert lr == pytest.approx(peak * 4 / 9, rel=1e-6)  # linear warmup over one 9-step epoch, after 3 steps

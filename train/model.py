@@ -167,6 +167,10 @@ class ImageNetClassifier(pl.LightningModule):
             if h.lr_schedule == "cosine":
                 raise ValueError("model.lr_schedule=cosine needs trainer.max_epochs or trainer.max_steps")
             total_steps = 0  # unused by the step schedule
+        if not math.isfinite(self.trainer.num_training_batches):
+            # max_epochs unset (max_steps alone): Lightning has not sized the loader yet; epochs in the schedule
+            # (milestones, warmup) still need its length, so load it now, as estimated_stepping_batches otherwise does.
+            self.trainer.fit_loop.setup_data()
         steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
         factor = functools.partial(
             lr_factor,
