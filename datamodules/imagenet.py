@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -58,12 +59,21 @@ def default_num_workers(requested: Optional[int] = None) -> int:
     return min(8, cpus)
 
 
-def ignore_job_signals(worker_id: int) -> None:
-    """DataLoader worker start-up: SLURM and `docker stop` signal every process of a job, workers included; the
-    main process saves and shuts the workers down, so a worker that died of SIGTERM or SIGUSR1 first would only turn
-    that orderly stop into a "DataLoader worker killed" crash."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def shield_worker_from_job_signals(worker_id: int) -> None:
+    """DataLoader worker start-up. SLURM signals every process of a job step, workers included (SIGUSR1 before the
+    time limit, SIGTERM on preemption or scancel); a worker killed by it would turn the main process's orderly save
+    into a "DataLoader worker killed" crash. So a worker ignores SIGUSR1, and exits on SIGTERM only when its parent
+    sends it (the DataLoader or multiprocessing shutting it down); the main process decides the rest."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending for the thread below, in every thread
+    parent = os.getppid()
+
+    def wait_for_sigterm() -> None:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)  # asked by the parent: leave at once, as its terminate() expects
+
+    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
 
 
 def trainer_world(trainer: Optional[pl.Trainer]) -> tuple[int, int]:
@@ -214,7 +224,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            worker_init_fn=ignore_job_signals,
+            worker_init_fn=shield_worker_from_job_signals,
             **kwargs,
         )
 

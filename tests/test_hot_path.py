@@ -150,3 +150,25 @@ def test_progress_bar_only_for_interactive_runs(demo_root, tmp_path, monkeypatch
     del args[i:i + 2]
     cli = build_cli(args, run=False)
     assert (cli.trainer.progress_bar_callback is not None) == terminal
+
+
+def test_loader_workers_outlive_a_job_sigterm_but_not_their_parents(demo_root):
+    """SLURM's SIGTERM reaches loader workers too: they keep serving batches until the main process has saved and
+    shuts them down; a SIGTERM from their parent (DataLoader or multiprocessing shutdown) still ends them at once."""
+    import multiprocessing
+
+    from datamodules.imagenet import ImageNetDataModule
+
+    dm = ImageNetDataModule(str(demo_root), batch_size=8, num_workers=1, crop_size=32, val_resize_size=36)
+    dm.setup("fit")
+    batches = iter(dm.train_dataloader())
+    next(batches)
+    [worker] = [p for p in multiprocessing.active_children() if p.is_alive()]
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # from another process, as slurmstepd sends it
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert next(batches)[0].shape == (8, 3, 32, 32)
+    worker.terminate()  # SIGTERM from the parent
+    worker.join(timeout=10)
+    assert worker.exitcode == 0
+    del batches
