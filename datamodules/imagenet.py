@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 import lightning.pytorch as pl
+from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -59,11 +61,17 @@ def default_num_workers(requested: Optional[int] = None) -> int:
     return min(8, cpus)
 
 
-def shield_worker_from_job_signals(worker_id: int) -> None:
-    """DataLoader worker start-up. SLURM signals every process of a job step, workers included (SIGUSR1 before the
-    time limit, SIGTERM on preemption or scancel); a worker killed by it would turn the main process's orderly save
-    into a "DataLoader worker killed" crash. So a worker ignores SIGUSR1, and exits on SIGTERM only when its parent
-    sends it (the DataLoader or multiprocessing shutting it down); the main process decides the rest."""
+def init_loader_worker(worker_id: int, rank: int = 0) -> None:
+    """DataLoader worker start-up: Lightning's seeding, then the job signals.
+    - Seeds: a loader with a worker_init_fn of its own gets none from Lightning, so this one applies Lightning's
+      `pl_worker_init_function` where `seed_everything(workers=True)` asked for it (the command line does):
+      augmentations drawn from (seed, rank, worker), different on every rank.
+    - Signals: SLURM signals every process of a job step, workers included (SIGUSR1 before the time limit,
+      SIGTERM on preemption or scancel); a worker killed by it would turn the main process's orderly save into a
+      "DataLoader worker killed" crash. So a worker ignores SIGUSR1, and exits on SIGTERM only when its parent sends
+      it (the DataLoader or multiprocessing shutting it down); the main process decides the rest."""
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id, rank)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending for the thread below, in every thread
     parent = os.getppid()
@@ -224,7 +232,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
-            worker_init_fn=shield_worker_from_job_signals,
+            worker_init_fn=functools.partial(init_loader_worker, rank=self._world()[0]),
             **kwargs,
         )
 

@@ -5,6 +5,8 @@ import json
 import math
 import os
 import subprocess
+import sys
+import time
 
 import lightning.pytorch as pl
 import pytest
@@ -137,3 +139,14 @@ def test_bench_dataset_is_the_same_whatever_the_number_of_writer_processes(tmp_p
     assert all((one / f).read_bytes() == (two / f).read_bytes() for f in files)
     assert len({(one / f).read_bytes() for f in files}) == len(files)  # every image drawn differently
     assert not list(tmp_path.rglob("*.partial")) and not list(tmp_path.rglob("shard*"))
+
+
+def test_a_row_that_hangs_ends_the_command_within_its_limit():
+    """A loader stuck inside DALI or FFCV never returns to Python: past its limit a row ends the process, stacks
+    printed, instead of hanging `make gpu-check` forever."""
+    code = ("import time; from train import node_parts; "
+            "node_parts._row('data', 'stuck loader', {}, lambda: time.sleep(60), limit_s=2)")
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - start < 50
+    assert "Timeout" in proc.stderr and "time.sleep" not in proc.stdout and "<lambda>" in proc.stderr

@@ -172,3 +172,44 @@ def test_loader_workers_outlive_a_job_sigterm_but_not_their_parents(demo_root):
     worker.join(timeout=10)
     assert worker.exitcode == 0
     del batches
+
+
+def test_a_diverged_loss_stops_the_run_naming_the_step(demo_root, tmp_path):
+    args = tiny_fit_args(demo_root, tmp_path / "run", "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "2",
+                         "--model.lr_per_256", "1e12", "--trainer.limit_val_batches", "0")[1:]
+    cli = build_cli(args, run=False)
+    with pytest.raises(FloatingPointError, match=r"train/loss is not finite .* at global step \d*[02468] \(lr"):
+        cli.trainer.fit(cli.model, cli.datamodule)
+    assert cli.trainer.global_step < 9  # stopped within the epoch, at a log step
+    # The failed fit leaves this process as it found it: SIGTERM still ends it (Lightning's teardown re-installs the
+    # handlers it found, the run's own; they hand the signal on once fit is over).
+    pid = os.fork()
+    if pid == 0:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+
+
+def _worker_seed(rank: int, queue) -> None:
+    from datamodules.imagenet import init_loader_worker
+
+    torch.manual_seed(1234)  # what the DataLoader gives worker 0 of a loader whose base seed is 1234
+    init_loader_worker(0, rank)
+    queue.put(torch.initial_seed())
+
+
+def test_loader_workers_keep_lightnings_per_rank_seeds(monkeypatch):
+    """Our worker_init_fn replaces the one Lightning adds under seed_everything(workers=True): it must apply
+    Lightning's seeding, else every rank would draw the same augmentations (the ranks share the base seed)."""
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+    ctx = mp.get_context("fork")  # the worker's signal set-up stays in a child process
+    queue = ctx.Queue()
+    seeds = []
+    for rank in (0, 1):
+        p = ctx.Process(target=_worker_seed, args=(rank, queue))
+        p.start()
+        seeds.append(queue.get(timeout=30))
+        p.join(timeout=10)
+    assert seeds[0] != seeds[1] and 1234 not in seeds

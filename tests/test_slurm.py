@@ -66,13 +66,17 @@ def sbatch(cluster, env, *args: str) -> str:
 def wait_for(cluster, job: str, states: set[str], timeout: float, release: bool = False) -> dict[str, str]:
     """Polls until the job reaches one of `states`. `release`: start a requeued job at once instead of after
     SLURM's ~2-minute BeginTime hold."""
-    end = time.monotonic() + timeout
+    end, held_since = time.monotonic() + timeout, None
     while time.monotonic() < end:
         info = cluster.job(job)
         if info["JobState"] in states:
             return info
         if release and info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
-            cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+            held_since = held_since or time.monotonic()
+            # Not within the first seconds: slurmd refuses to launch a job it is still killing ("Job 1 already
+            # killed, do not launch batch job"), which fails the requeued job (seen once under load).
+            if time.monotonic() - held_since >= 5:
+                cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
         if info["JobState"] in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:
             break
         time.sleep(1)

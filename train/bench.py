@@ -98,7 +98,7 @@ def write_bench_dataset(train_per_class: int, val_per_class: int, image_size: tu
     marker = dst / "bench_spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return dst
-    tmp = dst.with_name(dst.name + ".partial")
+    tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")  # several runs on one shared checkout: one each
     shutil.rmtree(tmp, ignore_errors=True)
     chunks = lambda n: [min(_SHARD_IMAGES, n - i) for i in range(0, n, _SHARD_IMAGES)]
     train, val = chunks(train_per_class), chunks(val_per_class)
@@ -126,8 +126,16 @@ def write_bench_dataset(train_per_class: int, val_per_class: int, image_size: tu
         shutil.rmtree(task[0])
     (tmp / marker.name).write_text(json.dumps(spec))
     shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)  # complete or absent
+    try:
+        tmp.rename(dst)  # complete or absent
+    except OSError:  # another run renamed its identical copy first
+        if not (marker.is_file() and json.loads(marker.read_text()) == spec):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst
+
+
+FFCV_PREPARE_LIMIT_S = 1800  # ~10,000 generated JPEGs take well under a minute on 16 cores
 
 
 def ensure_ffcv(root: str) -> Path:
@@ -136,8 +144,9 @@ def ensure_ffcv(root: str) -> Path:
     if not all((dst / f"{split}.beton").is_file() for split in ("train", "val")):
         # In a fresh process, before any loader starts: FFCV's writer forks workers that compile with numba on
         # a first run, and such a fork deadlocked here in a process already running DALI and loader threads.
+        # Bounded: a stuck writer (FFCV's DatasetWriter waits forever on a dead worker) must not stall a benchmark.
         subprocess.run([str(Path(sys.executable).parent / "resnet"), "prepare", "ffcv", "--root", str(root),
-                        "--dst", str(dst)], check=True)
+                        "--dst", str(dst)], check=True, timeout=FFCV_PREPARE_LIMIT_S)
     return dst
 
 
@@ -168,6 +177,9 @@ def loader_rate(
         return _time_batches(loader, warmup_batches, batches, on_device)
     dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
                             backend=backend, ffcv_dir=ffcv_dir, dali_device="gpu" if device.type == "cuda" else "cpu")
+    if device.type == "cuda":  # the loaders' target device, as in training: FFCV then copies with its own ToDevice
+        dm.trainer = pl.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False)
     dm.setup("fit")
     return _time_batches(dm.train_dataloader(), warmup_batches, batches, lambda b: dm.on_after_batch_transfer(on_device(b), 0))
 

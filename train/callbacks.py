@@ -101,7 +101,7 @@ class ImagesPerSecond(Callback):
             event = torch.cuda.Event(enable_timing=True)
             event.record()  # queued behind this step's kernels; costs the host nothing
             self._events.append(event)
-        if len(self._ends) < 2 or not is_log_step(trainer, trainer.global_step):
+        if len(self._ends) < 2 or not is_log_step(trainer, trainer.global_step, batch_idx):
             return
         host_seconds = self._ends[-1] - self._ends[0]  # the last len(_waits) batches, waits included
         if cuda:

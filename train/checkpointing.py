@@ -3,6 +3,7 @@ SLURM's signal before a time limit or preemption, then requeue and resume."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -108,11 +109,12 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-class Requeued(Exception):
-    """Raised on every rank once the requeue checkpoint is saved: ends `fit` without validating or saving more."""
+class Requeued(BaseException):
+    """Raised on every rank once the requeue checkpoint is saved: ends `fit` without validating or saving more.
+    A BaseException, as KeyboardInterrupt: no `except Exception` on the way (a benchmark row, a logger) swallows it."""
 
 
-class Preempted(Exception):
+class Preempted(BaseException):
     """Raised on every rank once the checkpoint is saved after a SIGTERM (SLURM preemption or `scancel`, `docker
     stop`, a node drain): ends `fit`; the process then exits 143 (128 + SIGTERM) without requeueing, which SLURM
     does itself for a preempted `--requeue` job."""
@@ -191,6 +193,7 @@ class RequeueOnSignal(Callback):
             raise ValueError(f"requeue.lag_steps={lag_steps}: expected 1 or more")
         self.signum, self.lag_steps = getattr(signal, signal_name), lag_steps
         self._flags = [False, False]  # USR1, TERM
+        self._active = False  # within fit: the handlers set flags; otherwise they hand the signal on
         self._requeue_armed = False
         self._agreed: Optional[AgreedFlags] = None
         self._previous: dict[int, Any] = {}
@@ -199,16 +202,32 @@ class RequeueOnSignal(Callback):
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread (e.g. a notebook's worker thread)
         self._previous.setdefault(signum, signal.getsignal(signum))
-        signal.signal(signum, lambda *_: self._flags.__setitem__(flag, True))
+        signal.signal(signum, functools.partial(self._on_signal, flag))
+
+    def _on_signal(self, flag: int, signum: int, frame) -> None:
+        if self._active:
+            self._flags[flag] = True
+            return
+        # After fit: Lightning's teardown after an exception re-installs the handlers it found (these). Act as the
+        # handler from before fit would: the process must not become deaf to SIGTERM.
+        previous = self._previous.get(signum)
+        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        signal.raise_signal(signum)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._active = True
         # Installed before the Trainer installs its handlers (which then leaves SIGUSR1 to this one), and before
         # any loader worker starts (datamodules ignore both signals in workers: the main process decides).
         self._requeue_armed = SLURMEnvironment.detect()
         if self._requeue_armed:
             self._install(self.signum, USR1)
+        self._install(signal.SIGTERM, TERM)
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The first hook after Lightning registered its handlers: its SIGTERM handler broadcasts from inside the
+        # handler, a collective that the per-step broadcast dropped below no longer matches.
         self._install(signal.SIGTERM, TERM)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -255,10 +274,10 @@ class RequeueOnSignal(Callback):
                 rank_zero_info(f"Removed {old}: the run finished, checkpoints/last.ckpt supersedes it")
 
     def _restore_handlers(self) -> None:
+        self._active = False
         for signum, handler in self._previous.items():
             if threading.current_thread() is threading.main_thread() and handler is not None:
                 signal.signal(signum, handler)
-        self._previous.clear()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_handlers()  # after Lightning restored the ones it found (this callback's)

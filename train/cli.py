@@ -116,7 +116,11 @@ def bench_main(args: list[str]) -> None:
     args = underscore_options(args)
     commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval,
                 "node": node_report.bench_node}
-    auto_cli(commands, args=args, as_positional=False)
+    try:
+        auto_cli(commands, args=args, as_positional=False)
+    except (Requeued, Preempted) as saved:  # a benchmark's fit got the job's signal: stop the benchmark, not a row
+        print(f"resnet bench: stopped by a job signal ({type(saved).__name__}: {saved})", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
 
 
 def ensemble_main(args: list[str]) -> None:

@@ -40,12 +40,14 @@ def load_state_dict_file(net: nn.Module, path: str) -> None:
     net.load_state_dict(state)
 
 
-def is_log_step(trainer: pl.Trainer, step: int) -> bool:
-    """Whether Lightning sends the values logged for optimizer step `step` (1-based: `global_step` after the step,
-    `global_step + 1` inside `training_step`) to the loggers: every `log_every_n_steps`-th step, and the last one.
-    Values needed only there are computed only there, so that other steps never wait for the GPU."""
+def is_log_step(trainer: pl.Trainer, step: int, batch_idx: int) -> bool:
+    """Whether Lightning sends the values logged for training batch `batch_idx`, which completes optimizer step
+    `step` (1-based: `global_step` after the step, `global_step + 1` inside `training_step`), to the loggers: the
+    batch that steps the optimizer (gradient accumulation) at every `log_every_n_steps`-th step, or when the
+    trainer is stopping. Values needed only there are computed only there: other steps never wait for the GPU."""
     n = trainer.log_every_n_steps
-    return n > 0 and (step % n == 0 or trainer.should_stop)
+    steps = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    return n > 0 and steps and (step % n == 0 or trainer.should_stop)
 
 
 class ImageNetClassifier(pl.LightningModule):
@@ -131,10 +133,13 @@ class ImageNetClassifier(pl.LightningModule):
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True,
                  prog_bar=self.trainer.progress_bar_callback is not None)
         self.log("train/acc1", self.train_acc1, on_step=True, on_epoch=True)
-        if is_log_step(self.trainer, self.trainer.global_step + 1):
-            if not torch.isfinite(loss):  # one read per log step, where the logger reads the values anyway
+        if is_log_step(self.trainer, self.trainer.global_step + 1, batch_idx):
+            # One read per log step, where the logger reads the values anyway; agreed by all ranks, which then stop
+            # together (one rank raising alone would leave the others waiting in the next gradient all-reduce).
+            if self.trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False):
                 raise FloatingPointError(
-                    f"train/loss is {loss.item()} at global step {self.trainer.global_step + 1} (lr "
+                    f"train/loss is not finite on a rank (here {loss.item()}) at global step "
+                    f"{self.trainer.global_step + 1} (lr "
                     f"{self.optimizers().param_groups[0]['lr']:.4g}): training diverged; resume from "
                     "checkpoints/last.ckpt with a lower model.lr_per_256 or a longer model.warmup_epochs"
                 )

@@ -5,6 +5,7 @@ its reason; the next one runs all the same."""
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import importlib.util
 import itertools
@@ -80,15 +81,24 @@ def _installed(module: str) -> bool:
         return False
 
 
-def _row(part: str, name: str, config: dict, measure: Callable[[], dict]) -> dict:
+# No row may hang the command: past this, faulthandler prints every thread's stack and ends the process (a loader
+# blocked inside DALI or FFCV never returns to Python, so no exception could stop it). The report then holds the
+# parts finished before (node_report.py writes it after each part).
+ROW_LIMIT_S = 900
+
+
+def _row(part: str, name: str, config: dict, measure: Callable[[], dict], limit_s: int = ROW_LIMIT_S) -> dict:
     """Runs one measurement: status `ok` with its fields, `skipped` (Skipped) or `failed` (any other exception,
-    its type and message as the reason); seconds of wall time and, on a GPU, the peak memory torch allocated."""
+    its type and message as the reason); seconds of wall time and, on a GPU, the peak memory torch allocated.
+    A measurement still running after `limit_s` seconds ends the process (stacks printed to stderr)."""
     row = {"part": part, "name": name, "config": config, "status": "ok", "reason": "", "images_per_sec": None,
            "peak_gpu_mem_gib": None, "seconds": 0.0}
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    # The process's own stderr (file descriptor 2), also where sys.stderr is replaced (a test's capture).
+    faulthandler.dump_traceback_later(limit_s, exit=True, file=sys.__stderr__)
     try:
         row.update(measure())
     except Skipped as e:
@@ -96,6 +106,8 @@ def _row(part: str, name: str, config: dict, measure: Callable[[], dict]) -> dic
     except (Exception, SystemExit) as e:  # SystemExit: a command-line parse error inside build_cli
         row.update(status="failed", reason=f"{type(e).__name__}: {e}".strip())
         traceback.print_exc()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     row["seconds"] = time.perf_counter() - start
     rate = row["images_per_sec"]
     if row["status"] == "ok" and rate is not None and not (math.isfinite(rate) and rate > 0):
@@ -382,9 +394,11 @@ def _run_pytest_gpu(xml: Path, timeout_s: int) -> int:
     try:
         return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         raise RuntimeError(f"`pytest -m gpu` did not finish in {timeout_s} s (option --gpu_tests_timeout_s)") from None
+    finally:  # also on Ctrl-C or a signal: no test process left running on the GPU
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def gpu_tests_row(enabled: bool, timeout_s: int, output: Path) -> dict:
@@ -401,7 +415,7 @@ def gpu_tests_row(enabled: bool, timeout_s: int, output: Path) -> dict:
             raise Skipped(f"{REPO / 'tests'} not found: the GPU tests run from a checkout")
         if not _installed("pytest"):
             raise Skipped("pytest not installed (pip install -e '.[test]')")
-        xml = output / "gpu_tests.xml"
+        xml = output.resolve() / "gpu_tests.xml"  # pytest runs from the checkout's root
         xml.unlink(missing_ok=True)
         code = _run_pytest_gpu(xml, timeout_s)
         if not xml.is_file():
@@ -413,4 +427,4 @@ def gpu_tests_row(enabled: bool, timeout_s: int, output: Path) -> dict:
             counts.update(status="failed", reason=f"{bad} GPU tests failed (pytest exit {code}): {failing}")
         return counts
 
-    return _row("gpu_tests", "pytest -m gpu", config, measure)
+    return _row("gpu_tests", "pytest -m gpu", config, measure, limit_s=timeout_s + 120)

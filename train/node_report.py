@@ -137,21 +137,22 @@ def _dataset(s: node_parts.Sizes):
 
 
 def run_parts(s: node_parts.Sizes, dataset, selected: list[str], gpu_tests: bool, gpu_tests_timeout_s: int,
-              output: Path) -> list[dict]:
-    """Every selected part in order; the GPU tests last (they need the GPU's memory, freed by then)."""
+              output: Path, save) -> list[dict]:
+    """Every selected part in order, `save(rows)` after each (a run stopped later keeps them); the GPU tests last
+    (they need the GPU's memory, freed by then)."""
     rows: list[dict] = []
-    if "ceiling" in selected:
-        rows += node_parts.ceiling_rows(s)
-    if "fit" in selected:
-        rows += node_parts.fit_rows(s, dataset, [r for r in rows if r["part"] == "ceiling"])
-    if "data" in selected:
-        rows += node_parts.data_rows(s, dataset)
-    if "eval" in selected:
-        rows += node_parts.eval_rows(s, dataset)
-    if "overhead" in selected:
-        rows.append(node_parts.overhead_row(s))
-    if "gpu_tests" in selected:
-        rows.append(node_parts.gpu_tests_row(gpu_tests, gpu_tests_timeout_s, output))
+    parts = {
+        "ceiling": lambda: node_parts.ceiling_rows(s),
+        "fit": lambda: node_parts.fit_rows(s, dataset, [r for r in rows if r["part"] == "ceiling"]),
+        "data": lambda: node_parts.data_rows(s, dataset),
+        "eval": lambda: node_parts.eval_rows(s, dataset),
+        "overhead": lambda: [node_parts.overhead_row(s)],
+        "gpu_tests": lambda: [node_parts.gpu_tests_row(gpu_tests, gpu_tests_timeout_s, output)],
+    }
+    for part, run in parts.items():
+        if part in selected:
+            rows += run()
+            save(rows)
     return rows
 
 
@@ -279,7 +280,7 @@ def bench_node(
     eval_arch: Optional[Arch] = None,
     eval_batch_size: Optional[int] = None,
     gpu_tests: bool = True,
-    gpu_tests_timeout_s: int = 300,
+    gpu_tests_timeout_s: int = 600,
 ) -> dict:
     """Measure this machine with the project: writes <output>/node_report.json and node_report.md, prints a table.
     On a GPU ~6-8 min with the defaults (H100/H200, 16 cores); without one the same parts at small sizes, ~1-2 min.
@@ -336,8 +337,12 @@ def bench_node(
             pass
     report = {"schema": SCHEMA, "command": shlex.join(["resnet", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None,
               "date": date, "git_commit": git_commit(), "machine": machine_info(), "versions": versions(), "options": asdict(s)}
-    report["parts"] = run_parts(s, dataset, list(parts), gpu_tests, gpu_tests_timeout_s, out)
-    report["seconds"] = time.perf_counter() - start
+    def save(rows: list[dict]) -> None:  # the parts so far, marked incomplete until the last one
+        partial = {**report, "parts": rows, "incomplete": True, "seconds": time.perf_counter() - start, "failed": []}
+        (out / "node_report.json").write_text(json.dumps(_finite(partial), indent=2, allow_nan=False) + "\n")
+
+    report["parts"] = run_parts(s, dataset, list(parts), gpu_tests, gpu_tests_timeout_s, out, save)
+    report["seconds"], report["incomplete"] = time.perf_counter() - start, False
     report["failed"] = [f"{r['part']}: {r['name']}: {r['reason']}" for r in report["parts"] if r["status"] == "failed"]
     write_report(report, out)
     if report["failed"]:
