@@ -131,9 +131,12 @@ def test_sigterm_saves_then_a_new_fit_resumes_from_that_step(demo_root, tmp_path
     assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
     assert "Signal SIGTERM: saved" in out and "DataLoader worker" not in out, out[-3000:]
     [saved] = hpc_checkpoints(run)
-    step = torch.load(saved, map_location="cpu", weights_only=False)["global_step"]
+    state = torch.load(saved, map_location="cpu", weights_only=False)
+    step = state["global_step"]
     assert step > 9  # past the first epoch (9 steps)
-    resumed = subprocess.run([RESNET, *args[:-2], "--trainer.max_epochs", "4"], cwd=REPO, capture_output=True,
+    # To the end of the interrupted epoch only.
+    epochs = str(state["epoch"] + 1)
+    resumed = subprocess.run([RESNET, *args[:-2], "--trainer.max_epochs", epochs], cwd=REPO, capture_output=True,
                              text=True, timeout=240, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resumed from {saved} at global step {step}" in resumed.stdout + resumed.stderr
