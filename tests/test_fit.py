@@ -64,7 +64,7 @@ def test_demo_recipe_reaches_90_percent(tmp_path):
     root = write_demo_dataset(tmp_path / "demo")
     run_dir = tmp_path / "run"
     run_resnet("fit", "--config", "configs/demo.yaml", "--data.root", str(root),
-               "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false", timeout=400)
+               "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false", timeout=600)
     metrics = last_metrics(run_dir)
     assert metrics["val/images"] == 240
     assert metrics["val/acc1"] >= 0.90, metrics
