@@ -19,7 +19,7 @@ from numba import njit
 from torch.utils.data import DistributedSampler
 
 from datamodules.folder import DatasetLayoutError, decode, find_classes, scan_split
-from datamodules.imagenet import LoaderSpec, equal_count_batch_size
+from datamodules.imagenet import LoaderSpec, equal_count_batch_size, usable_cpus
 
 _TORCH_THREADS = torch.get_num_threads()  # importing FFCV (ffcv.pipeline.compiler) sets torch to one CPU thread
 from ffcv.fields import IntField, RGBImageField  # noqa: E402
@@ -44,7 +44,7 @@ def allocated_cpus() -> int:
     """CPUs this job may use: SLURM's allocation, else this process's affinity (not the whole node's cores)."""
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return int(os.environ["SLURM_CPUS_PER_TASK"])
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cpus()
 
 
 class _Images:

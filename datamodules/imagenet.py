@@ -57,8 +57,12 @@ def default_num_workers(requested: Optional[int] = None) -> int:
     a taskset), at most 8."""
     if requested is not None:
         return requested
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, cpus)
+    return min(8, usable_cpus())
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use (a SLURM allocation, a taskset: its CPU affinity), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def init_loader_worker(worker_id: int, rank: int = 0) -> None:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.conftest import REPO, run_resnet
-from train.bench import StepTimer, bench_data, bench_model, write_bench_dataset
+from datamodules.demo import write_bench_dataset
+from train.bench import StepTimer, bench_data, bench_model
 from train.model import ImageNetClassifier
 from train.node_parts import PARTS, _SameBatch
 from train.node_report import bench_node

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -23,7 +18,7 @@ from rich.table import Table
 from torchvision import datasets
 from torchvision import transforms as v1
 
-from datamodules.demo import DEMO_CLASSES, write_demo_dataset
+from datamodules.demo import write_bench_dataset
 from datamodules.evaluation import EvalDataModule
 from datamodules.imagenet import ImageNetDataModule, default_num_workers
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, PAPER_SCALES, EvalViews
@@ -63,76 +58,6 @@ def _pil_imagefolder(root: str, crop_size: int, batch_size: int, num_workers: in
     dataset = datasets.ImageFolder(str(Path(root) / "train"), transform=transform)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
                                        drop_last=True, persistent_workers=num_workers > 0)
-
-
-# Images per class and split in one writer task (32 x 6 classes: ~5 s of one core). The tasks depend on the counts
-# alone, so a request gives the same files on any machine, whatever its number of CPUs.
-_SHARD_IMAGES = 32
-
-
-def _cpus() -> int:
-    """CPUs this process may use (a SLURM allocation, a taskset), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _write_shard(task: tuple) -> None:
-    write_demo_dataset(*task)
-
-
-def write_bench_dataset(train_per_class: int, val_per_class: int, image_size: tuple[int, int] = (500, 375),
-                        workers: Optional[int] = None, cache: str = ".cache") -> Path:
-    """ImageNet-sized JPEGs (the demo's 6 texture classes, quality 90) for benchmarks, written once into
-    `<cache>/bench_<w>x<h>_<train>_<val>` by several processes: a 500x375 image costs ~30 ms of one core to
-    draw and encode, so the 9,216 of a GPU run take ~5 min on one core, ~20 s on 16.
-
-    Args:
-        train_per_class: training images per class.
-        val_per_class: validation images per class.
-        image_size: (width, height) of every image; 500x375 is ImageNet's most common size.
-        workers: writer processes; None = the CPUs this process may use.
-        cache: folder holding the generated sets.
-    """
-    w, h = image_size
-    dst = Path(cache) / f"bench_{w}x{h}_{train_per_class}_{val_per_class}"
-    spec = {"train_per_class": train_per_class, "val_per_class": val_per_class, "image_size": [w, h], "shard": _SHARD_IMAGES}
-    marker = dst / "bench_spec.json"
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
-        return dst
-    tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")  # several runs on one shared checkout: one each
-    shutil.rmtree(tmp, ignore_errors=True)
-    chunks = lambda n: [min(_SHARD_IMAGES, n - i) for i in range(0, n, _SHARD_IMAGES)]
-    train, val = chunks(train_per_class), chunks(val_per_class)
-    count = max(len(train), len(val), 1)
-    train, val = train + [0] * (count - len(train)), val + [0] * (count - len(val))
-    # Shard k is the demo set drawn with seed k: every image differs, and the same request draws the same ones.
-    tasks = [(tmp / f"shard{k}", train[k], val[k], k, (w, h)) for k in range(count)]
-    workers = min(workers or _cpus(), count)
-    if workers > 1:
-        # fork: no re-import of torch in each process; spawn once CUDA has started (a forked CUDA context breaks).
-        context = multiprocessing.get_context("spawn" if torch.cuda.is_initialized() else "fork")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            list(pool.map(_write_shard, tasks))
-    else:
-        for task in tasks:
-            _write_shard(task)
-    for split in ("train", "val"):
-        for wnid in DEMO_CLASSES:
-            (tmp / split / wnid).mkdir(parents=True)
-            for k, task in enumerate(tasks):
-                for image in sorted((task[0] / split / wnid).glob("*.JPEG")):
-                    os.replace(image, tmp / split / wnid / f"s{k}_{image.name}")
-    shutil.copy(tasks[0][0] / "synsets.txt", tmp / "synsets.txt")
-    for task in tasks:
-        shutil.rmtree(task[0])
-    (tmp / marker.name).write_text(json.dumps(spec))
-    shutil.rmtree(dst, ignore_errors=True)
-    try:
-        tmp.rename(dst)  # complete or absent
-    except OSError:  # another run renamed its identical copy first
-        if not (marker.is_file() and json.loads(marker.read_text()) == spec):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst
 
 
 FFCV_PREPARE_LIMIT_S = 1800  # ~10,000 generated JPEGs take well under a minute on 16 cores

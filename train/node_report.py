@@ -25,8 +25,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from datamodules.demo import write_bench_dataset
+from datamodules.imagenet import usable_cpus
 from train import node_parts
-from train.bench import _cpus, write_bench_dataset
 from train.callbacks import git_commit
 from train.evaluate import exit_with_error
 from train.model import Arch
@@ -69,7 +70,7 @@ def machine_info() -> dict:
         "gpu_count": len(gpus),
         "gpu_memory_gib": [round(g.total_memory / 2**30, 1) for g in gpus],
         "driver_version": _gpu_driver() if gpus else "none (no CUDA GPU)",
-        "cpu_count": _cpus(),
+        "cpu_count": usable_cpus(),
         "cpu_count_machine": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
@@ -110,7 +111,7 @@ def resolve_sizes(gpu: bool, **given) -> node_parts.Sizes:
         models=["resnet50", "resnet101", "resnet152"] if gpu else ["resnet50"],
         compiled_models=["resnet50"] if gpu else [],
         batch_size=256 if gpu else 8, crop_size=224 if gpu else 32, precision="bf16-mixed" if gpu else "32-true",
-        steps=30 if gpu else 3, warmup_steps=5 if gpu else 1, num_workers=_cpus(),
+        steps=30 if gpu else 3, warmup_steps=5 if gpu else 1, num_workers=usable_cpus(),
         eval_arch="resnet50" if gpu else "resnet18", eval_batch_size=64 if gpu else 6, val_per_class=200 if gpu else 2,
     )
     s = node_parts.Sizes(**{**defaults, **{k: v for k, v in given.items() if v is not None}})
