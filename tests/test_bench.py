@@ -146,7 +146,7 @@ def test_a_row_that_hangs_ends_the_command_within_its_limit():
     """A loader stuck inside DALI or FFCV never returns to Python: past its limit a row ends the process, stacks
     printed, instead of hanging `make gpu-check` forever."""
     code = ("import time; from train import node_parts; "
-            "node_parts._row('data', 'stuck loader', {}, lambda: time.sleep(60), limit_s=2)")
+            "node_parts.measure_row('data', 'stuck loader', {}, lambda: time.sleep(60), limit_s=2)")
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and time.monotonic() - start < 50

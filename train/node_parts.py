@@ -10,9 +10,6 @@ import gc
 import importlib.util
 import itertools
 import math
-import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -20,7 +17,6 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Optional
-from xml.etree import ElementTree
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -34,7 +30,7 @@ from train.results import console
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = "configs/imagenet_r50.yaml"  # the `fit` and `overhead` parts' recipe: ImageNet ResNet-50
-PARTS = ("ceiling", "fit", "data", "eval", "overhead", "gpu_tests")
+PARTS = ("ceiling", "fit", "data", "eval", "overhead", "gpu_tests")  # gpu_tests: train/node_gpu_tests.py
 Part = Literal["ceiling", "fit", "data", "eval", "overhead", "gpu_tests"]
 Layout = Literal["channels_last", "nchw"]
 LoaderBackend = Literal["torchvision", "dali", "ffcv"]
@@ -74,7 +70,7 @@ class Sizes:
         self.images_per_class = math.ceil((self.warmup_steps + self.steps + 1) * self.batch_size / 6)
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # a parent package (nvidia) is absent
@@ -87,7 +83,7 @@ def _installed(module: str) -> bool:
 ROW_LIMIT_S = 900
 
 
-def _row(part: str, name: str, config: dict, measure: Callable[[], dict], limit_s: int = ROW_LIMIT_S) -> dict:
+def measure_row(part: str, name: str, config: dict, measure: Callable[[], dict], limit_s: int = ROW_LIMIT_S) -> dict:
     """Runs one measurement: status `ok` with its fields, `skipped` (Skipped) or `failed` (any other exception,
     its type and message as the reason); seconds of wall time and, on a GPU, the peak memory torch allocated.
     A measurement still running after `limit_s` seconds ends the process (stacks printed to stderr)."""
@@ -142,7 +138,7 @@ def _ceiling_row(s: Sizes, config: dict) -> dict:
                                  accelerator=config["accelerator"], compile=config["compile"])
         return {"images_per_sec": rate}
 
-    return _row("ceiling", _config_name(config), config, measure)
+    return measure_row("ceiling", _config_name(config), config, measure)
 
 
 def ceiling_rows(s: Sizes) -> list[dict]:
@@ -159,14 +155,14 @@ def ceiling_rows(s: Sizes) -> list[dict]:
             raise Skipped("torch.compile rows are measured on a GPU by default (compiling takes minutes on a CPU); "
                           "--compiled_models '[resnet50]' measures them here")
 
-        rows.append(_row("ceiling", _config_name(config), config, skip))
+        rows.append(measure_row("ceiling", _config_name(config), config, skip))
     return rows
 
 
 def _need_backend(backend: str) -> None:
-    if backend == "dali" and not _installed("nvidia.dali"):
+    if backend == "dali" and not installed("nvidia.dali"):
         raise Skipped("DALI not installed (pip install -e '.[dali]')")
-    if backend == "ffcv" and not _installed("ffcv"):
+    if backend == "ffcv" and not installed("ffcv"):
         raise Skipped("FFCV not installed (pip install -e '.[ffcv]', needs libturbojpeg and OpenCV)")
 
 
@@ -217,7 +213,7 @@ def fit_rows(s: Sizes, dataset: Callable[[], str], ceilings: list[dict]) -> list
 
         name = (f"{backend}{_dali_note(s, backend)}, {RECIPE} (resnet50), batch {s.batch_size}, {s.crop_size}px, "
                 f"{s.precision}{', compiled' if s.fit_compile else ''}, {s.num_workers} workers")
-        rows.append(_row("fit", name, config, measure))
+        rows.append(measure_row("fit", name, config, measure))
     return rows
 
 
@@ -254,7 +250,7 @@ def data_rows(s: Sizes, dataset: Callable[[], str]) -> list[dict]:
             return {"images_per_sec": rate}
 
         name = f"{backend}{_dali_note(s, backend)}, batch {s.batch_size}, {s.crop_size}px, {s.num_workers} workers"
-        rows.append(_row("data", name, config, measure))
+        rows.append(measure_row("data", name, config, measure))
     return rows
 
 
@@ -286,7 +282,7 @@ def eval_rows(s: Sizes, dataset: Callable[[], str]) -> list[dict]:
             views = (f"scales {','.join(map(str, geometry['scales']))}" if protocol == "multiscale"
                      else f"resize {geometry['resize_size']}, crop {geometry['crop_size']}")
             name = f"{protocol}, {s.eval_arch}, {views}, batch {s.eval_batch_size}"
-            rows.append(_row("eval", name, config, measure))
+            rows.append(measure_row("eval", name, config, measure))
     return rows
 
 
@@ -369,62 +365,4 @@ def overhead_row(s: Sizes) -> dict:
         return {"images_per_sec": lightning, "raw_images_per_sec": raw, "lightning_images_per_sec": lightning,
                 "overhead_pct": 100 * (1 - lightning / raw)}
 
-    return _row("overhead", f"Trainer.fit vs raw loop: {_config_name(config)}", config, measure)
-
-
-def _junit_counts(xml: Path) -> dict:
-    """passed / failed / errors / skipped counts and the ids (tests/x.py::name) of failing tests, from pytest's
-    JUnit XML."""
-    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failed_tests": []}
-    for case in ElementTree.parse(xml).getroot().iter("testcase"):
-        outcome = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
-        key = {"failure": "failed", "error": "errors", "skipped": "skipped"}.get(outcome, "passed")
-        counts[key] += 1
-        if key in ("failed", "errors"):
-            module = case.get("classname", "").replace(".", "/")
-            counts["failed_tests"].append(f"{module}.py::{case.get('name')}")
-    return counts
-
-
-def _run_pytest_gpu(xml: Path, timeout_s: int) -> int:
-    """`python -m pytest -m gpu` from the checkout's root in its own process group (killed whole on timeout:
-    the tests start `resnet` processes of their own); its output goes to this command's."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
-    try:
-        return proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"`pytest -m gpu` did not finish in {timeout_s} s (option --gpu_tests_timeout_s)") from None
-    finally:  # also on Ctrl-C or a signal: no test process left running on the GPU
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def gpu_tests_row(enabled: bool, timeout_s: int, output: Path) -> dict:
-    """The GPU tests (`pytest -m gpu`) when a CUDA GPU is present: counts and failing test ids; their JUnit XML
-    is kept in `output`/gpu_tests.xml. No images_per_sec."""
-    config = {"command": "python -m pytest -m gpu -q -p no:cacheprovider", "timeout_s": timeout_s}
-
-    def measure() -> dict:
-        if not enabled:
-            raise Skipped("--gpu_tests false")
-        if not torch.cuda.is_available():
-            raise Skipped("no CUDA GPU")
-        if not (REPO / "tests").is_dir():
-            raise Skipped(f"{REPO / 'tests'} not found: the GPU tests run from a checkout")
-        if not _installed("pytest"):
-            raise Skipped("pytest not installed (pip install -e '.[test]')")
-        xml = output.resolve() / "gpu_tests.xml"  # pytest runs from the checkout's root
-        xml.unlink(missing_ok=True)
-        code = _run_pytest_gpu(xml, timeout_s)
-        if not xml.is_file():
-            raise RuntimeError(f"pytest exited {code} without a report (collection error?)")
-        counts = {**_junit_counts(xml), "junit_xml": str(xml), "pytest_exit_code": code}
-        bad = counts["failed"] + counts["errors"]
-        if bad or code not in (0, 5):  # 5: no test collected (no GPU test in this checkout)
-            failing = ", ".join(counts["failed_tests"])
-            counts.update(status="failed", reason=f"{bad} GPU tests failed (pytest exit {code}): {failing}")
-        return counts
-
-    return _row("gpu_tests", "pytest -m gpu", config, measure, limit_s=timeout_s + 120)
+    return measure_row("overhead", f"Trainer.fit vs raw loop: {_config_name(config)}", config, measure)

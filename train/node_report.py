@@ -1,5 +1,5 @@
 """`resnet bench node` (`make gpu-check`): what one machine does with this project, in one report: machine and
-versions, then the parts of train/node_parts.py (training-step ceiling, full pipeline per loader backend, loaders
+versions, then the parts of train/node_parts.py and node_gpu_tests.py (training-step ceiling, full pipeline per loader backend, loaders
 alone, evaluation protocols, Lightning's overhead, the GPU tests), written to <output>/node_report.json and
 node_report.md and printed as a table. Exit status 0 when every part is ok or skipped, 1 when one failed."""
 
@@ -27,7 +27,7 @@ from rich.table import Table
 
 from datamodules.demo import write_bench_dataset
 from datamodules.imagenet import usable_cpus
-from train import node_parts
+from train import node_gpu_tests, node_parts
 from train.callbacks import git_commit
 from train.evaluate import exit_with_error
 from train.model import Arch
@@ -148,7 +148,7 @@ def run_parts(s: node_parts.Sizes, dataset, selected: list[str], gpu_tests: bool
         "data": lambda: node_parts.data_rows(s, dataset),
         "eval": lambda: node_parts.eval_rows(s, dataset),
         "overhead": lambda: [node_parts.overhead_row(s)],
-        "gpu_tests": lambda: [node_parts.gpu_tests_row(gpu_tests, gpu_tests_timeout_s, output)],
+        "gpu_tests": lambda: [node_gpu_tests.gpu_tests_row(gpu_tests, gpu_tests_timeout_s, output)],
     }
     for part, run in parts.items():
         if part in selected:
