@@ -194,7 +194,6 @@ class RequeueOnSignal(Callback):
         self.signum, self.lag_steps = getattr(signal, signal_name), lag_steps
         self._flags = [False, False]  # USR1, TERM
         self._active = False  # within fit: the handlers set flags; otherwise they hand the signal on
-        self._requeue_armed = False
         self._agreed: Optional[AgreedFlags] = None
         self._previous: dict[int, Any] = {}
 
@@ -220,8 +219,7 @@ class RequeueOnSignal(Callback):
         self._active = True
         # Installed before the Trainer installs its handlers (which then leaves SIGUSR1 to this one), and before
         # any loader worker starts (datamodules ignore both signals in workers: the main process decides).
-        self._requeue_armed = SLURMEnvironment.detect()
-        if self._requeue_armed:
+        if SLURMEnvironment.detect():  # SIGUSR1 means "requeue" only in a SLURM job
             self._install(self.signum, USR1)
         self._install(signal.SIGTERM, TERM)
 

@@ -1,7 +1,8 @@
 """`resnet bench node` (`make gpu-check`): what one machine does with this project, in one report: machine and
-versions, then the parts of train/node_parts.py and node_gpu_tests.py (training-step ceiling, full pipeline per loader backend, loaders
-alone, evaluation protocols, Lightning's overhead, the GPU tests), written to <output>/node_report.json and
-node_report.md and printed as a table. Exit status 0 when every part is ok or skipped, 1 when one failed."""
+versions, then the parts of train/node_parts.py and train/node_gpu_tests.py (training-step ceiling, full pipeline
+per loader backend, loaders alone, evaluation protocols, Lightning's overhead, the GPU tests), written to
+<output>/node_report.json and node_report.md and printed as a table. Exit status 0 when every part is ok or
+skipped, 1 when one failed."""
 
 from __future__ import annotations
 
