@@ -11,7 +11,6 @@ from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DistributedSampler
 
 try:
     import nvidia.dali.math as dmath
@@ -25,6 +24,7 @@ except ImportError as e:  # an optional extra: say how to get it
     ) from e
 
 from datamodules.imagenet import LoaderSpec, equal_count_batch_size
+from datamodules.order import EpochOrder, TrainPosition
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Device = Literal["cpu", "gpu"]
@@ -131,13 +131,12 @@ class DaliLoader:
         self.device_id = _device_id(spec, device)
         n, world = len(spec.samples), spec.world_size
         if train:
-            # Drop-last sharding of a (seed, epoch) permutation: every rank gets floor(N / world) samples, so
-            # all ranks run the same steps; Lightning calls sampler.set_epoch(epoch) before each epoch.
-            self.sampler = DistributedSampler(range(n), num_replicas=world, rank=spec.rank, shuffle=True,
-                                              seed=spec.seed, drop_last=True)
+            # The training order of datamodules/order.py (the torchvision backend's), resumable mid-epoch; Lightning
+            # calls sampler.set_epoch(epoch) before each epoch. Every rank reads the same number of whole batches.
+            self.sampler = spec.order or EpochOrder(n, spec.seed, spec.rank, world, spec.batch_size)
             self.batch_size = spec.batch_size
-            self.num_batches = len(self.sampler) // self.batch_size
-            what = f"{len(self.sampler)} training images per rank"
+            self.num_batches = self.sampler.batches_per_epoch
+            what = f"{-(-n // world)} training images per rank"
         else:
             self.batch_size = equal_count_batch_size(n, world, spec.batch_size) if n >= world else 1
             self.num_batches = -(-len(spec.samples[spec.rank::world]) // self.batch_size)
@@ -150,15 +149,15 @@ class DaliLoader:
         return self.num_batches
 
     def pass_samples(self) -> list[tuple[str, int]]:
-        """The (path, label) samples this rank reads in the next pass, in order."""
+        """The (path, label) samples this rank reads in the pass starting now, in order (training: from the resume
+        position when there is one; whole batches only)."""
         if not self.train:
             return self.spec.samples[self.spec.rank::self.spec.world_size]
-        order = list(self.sampler)[: self.num_batches * self.batch_size]  # the last partial batch dropped
-        return [self.spec.samples[i] for i in order]
+        return [self.spec.samples[i] for i in self.sampler.begin_pass()]
 
     def _pipeline(self, samples: list[tuple[str, int]]) -> Pipeline:
         spec = self.spec
-        epoch = self.sampler.epoch if self.train else 0
+        epoch = self.sampler.pass_epoch if self.train else 0
         # Augmentation differs per rank and epoch; the shard split above depends on (seed, epoch) alone.
         seed = int(np.random.SeedSequence([spec.seed, spec.rank, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
         return _graph(
@@ -178,9 +177,20 @@ class DaliLoader:
                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
         try:
             for (out,) in batches:
+                if self.train:
+                    self.sampler.batches_read()
                 yield out["images"].permute(0, 3, 1, 2), out["labels"].reshape(-1).long()
         finally:
             del batches, pipe  # free the pipeline's threads and buffers now, not at garbage collection
+
+    def state_dict(self) -> dict:
+        """Training: the position in the epoch (`TrainPosition`); a resumed loader reads the same samples in the same
+        order as the uninterrupted one (its crops are drawn anew from the resume on)."""
+        return self.sampler.position().as_dict() if self.train else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.train:
+            self.sampler.resume_at(TrainPosition.from_dict(state))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self._open is not None:

@@ -16,10 +16,10 @@ from typing import Literal, Optional, Sequence
 import numpy as np
 import torch
 from numba import njit
-from torch.utils.data import DistributedSampler
 
 from datamodules.folder import DatasetLayoutError, decode, find_classes, scan_split
 from datamodules.imagenet import LoaderSpec, equal_count_batch_size, usable_cpus
+from datamodules.order import EpochOrder, TrainPosition
 
 _TORCH_THREADS = torch.get_num_threads()  # importing FFCV (ffcv.pipeline.compiler) sets torch to one CPU thread
 from ffcv.fields import IntField, RGBImageField  # noqa: E402
@@ -260,21 +260,22 @@ class CenterCropDecoder(SimpleRGBImageDecoder):  # FFCV takes a field's decoder 
 
 
 class ShardedShuffle(TraversalOrder):
-    """The torchvision backend's order: DistributedSampler(shuffle, seed) with the global rank and world size given
-    (FFCV's `distributed=True` asks torch.distributed, which may not be initialised yet); it pads a size that does
-    not divide, so every rank takes the same number of steps."""
+    """The torchvision backend's order (datamodules/order.py: DistributedSampler's, resumable mid-epoch) with the
+    global rank and world size given (FFCV's `distributed=True` asks torch.distributed, which may not be initialised
+    yet). FFCV asks for an order when the Loader is made (its length) and at each pass: only a pass starts one."""
 
-    def __init__(self, rank: int, world_size: int):  # FFCV 1.0.2 calls an order object with the loader
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, order: EpochOrder):  # FFCV 1.0.2 calls an order object with the loader
+        self.order, self.passing = order, False
 
     def __call__(self, loader: Loader) -> "ShardedShuffle":
         super().__init__(loader)
-        self.sampler = DistributedSampler(self.indices, self.world_size, self.rank, shuffle=True, seed=self.seed)
         return self
 
     def sample_order(self, epoch: int) -> np.ndarray:
-        self.sampler.set_epoch(epoch)
-        return self.indices[np.fromiter(self.sampler, np.int64)]
+        if not self.passing:  # the Loader's constructor sizing itself: no pass, the resume position stays
+            return self.indices[: self.order.batches_per_epoch * self.order.batch_size]
+        self.order.set_epoch(epoch)
+        return self.indices[self.order.begin_pass()]
 
 
 class _Epoch:
@@ -289,8 +290,10 @@ class _Epoch:
 
 
 class EpochLoader(Loader):
-    """FFCV's Loader for Lightning: `sampler.set_epoch`; a new iteration (validation after the sanity check) first
-    stops an unfinished one, whose thread FFCV leaves blocked; torch's thread count (FFCV sets it) is kept."""
+    """FFCV's Loader for Lightning: `sampler.set_epoch`; a pass starts at its first batch, not at `iter()` (Lightning
+    creates the training iterator before `set_epoch` on a resume); a new pass (validation after the sanity check)
+    first stops an unfinished one, whose thread FFCV leaves blocked; torch's thread count (FFCV sets it) is kept.
+    Training loaders are resumable mid-epoch (`state_dict`, `load_state_dict`: a `TrainPosition`)."""
 
     def __init__(self, *args, **kwargs):
         threads = torch.get_num_threads()
@@ -298,24 +301,49 @@ class EpochLoader(Loader):
         torch.set_num_threads(threads)
         # Lightning reads `batch_sampler` wherever a loader has a `sampler`.
         self.sampler, self.batch_sampler, self._running = _Epoch(self), None, None
+        self.order = self.traversal_order.order if isinstance(self.traversal_order, ShardedShuffle) else None
+        if self.order is not None:
+            self.traversal_order.passing = True
+
+    def __len__(self) -> int:
+        return self.order.batches_per_epoch if self.order is not None else super().__len__()
+
+    def state_dict(self) -> dict:
+        return self.order.position().as_dict() if self.order is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.order is not None:
+            self.order.resume_at(TrainPosition.from_dict(state))
+
+    def _stop(self) -> None:
+        if self._running is None:
+            return
+        # Stop it before another thread enters numba's parallel kernels.
+        self._running.terminate_event.set()
+        while self._running.is_alive():  # it may be blocked putting a batch or its end mark into a full queue
+            with contextlib.suppress(queue.Empty):
+                self._running.output_queue.get(timeout=0.1)
+        self._running.close()
+        # With ToDevice, each batch was copied on one of FFCV's CUDA streams into pinned host and device buffers
+        # that are freed with this iterator; a copy queued behind the model's work may still be pending (a pass
+        # left half read). Wait for them before the next pass's buffers can reuse that memory.
+        for stream in self._running.cuda_streams:
+            if stream is not None:
+                stream.synchronize()
+        self._running = None
 
     def __iter__(self):
-        if self._running is not None:  # stop it before another thread enters numba's parallel kernels
-            self._running.terminate_event.set()
-            while self._running.is_alive():  # it may be blocked putting a batch or its end mark into a full queue
-                with contextlib.suppress(queue.Empty):
-                    self._running.output_queue.get(timeout=0.1)
-            self._running.close()
-            # With ToDevice, each batch was copied on one of FFCV's CUDA streams into pinned host and device buffers
-            # that are freed with this iterator; a copy queued behind the model's work may still be pending (a pass
-            # left half read). Wait for them before the next pass's buffers can reuse that memory.
-            for stream in self._running.cuda_streams:
-                if stream is not None:
-                    stream.synchronize()
+        return self._pass()
+
+    def _pass(self):
+        self._stop()
         threads = torch.get_num_threads()
-        self._running = super().__iter__()
+        self._running = running = super().__iter__()
         torch.set_num_threads(threads)
-        return self._running
+        for batch in running:
+            if self.order is not None:
+                self.order.batches_read()
+            yield batch
 
 
 def _pipelines(image_ops: list, device: torch.device) -> dict[str, list]:
@@ -347,7 +375,8 @@ def train_loader(
     decoder = RandomResizedCropRGBImageDecoder((spec.crop_size, spec.crop_size), tuple(spec.scale), tuple(spec.ratio))
     return EpochLoader(
         str(beton), batch_size=spec.batch_size, num_workers=max(1, spec.num_workers), os_cache=os_cache,
-        order=OrderOption.QUASI_RANDOM if order == "quasi_random" else ShardedShuffle(spec.rank, spec.world_size),
+        order=OrderOption.QUASI_RANDOM if order == "quasi_random" else ShardedShuffle(
+            spec.order or EpochOrder(len(spec.samples), spec.seed, spec.rank, spec.world_size, spec.batch_size)),
         seed=spec.seed, drop_last=True,
         pipelines=_pipelines([decoder, *([RandomHorizontalFlip()] if spec.hflip else [])], spec.device),
     )

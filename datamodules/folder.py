@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
@@ -64,8 +65,16 @@ def decode(path: str) -> torch.Tensor:
         raise CorruptImageError(f"{path}: cannot decode image ({str(e).strip().splitlines()[-1]})") from e
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one sample's augmentation in one epoch: a function of (seed, epoch, sample index) alone, so that
+    the crops do not depend on the loader workers, the ranks or a resume."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 class ImageFolderDataset(Dataset):
-    """Samples of one split; `max_corrupt` > 0 replaces up to that many undecodable images per worker
+    """Samples of one split, read by index or by an `(index, epoch)` key (the training order's): with a key and a
+    `seed`, the transform draws its random numbers from `sample_seed(seed, epoch, index)` (torch's generator,
+    forked: the caller's is untouched). `max_corrupt` > 0 replaces up to that many undecodable images per worker
     by the next good one, with a warning naming each (for training; evaluation keeps 0)."""
 
     def __init__(
@@ -73,16 +82,20 @@ class ImageFolderDataset(Dataset):
         samples: list[tuple[str, int]],
         transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
         max_corrupt: int = 0,
+        seed: Optional[int] = None,
     ):
         self.samples = samples
         self.transform = transform
         self.max_corrupt = max_corrupt
+        self.seed = seed
         self.corrupt_paths: set[str] = set()  # per process: each DataLoader worker holds its own
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        first = index
         path, label = self.samples[index]
         while True:
             if path not in self.corrupt_paths:  # a known bad file is not decoded again
@@ -100,6 +113,10 @@ class ImageFolderDataset(Dataset):
                     )
             index = (index + 1) % len(self.samples)
             path, label = self.samples[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, label
+        if self.transform is None:
+            return image, label
+        if epoch is None or self.seed is None:
+            return self.transform(image), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, first))
+            return self.transform(image), label

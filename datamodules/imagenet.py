@@ -16,8 +16,9 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.order import EpochOrder, TrainPosition
 from datamodules.folder import DatasetLayoutError, ImageFolderDataset, find_classes, scan_split
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, train_transform, val_transform
 
@@ -121,6 +122,51 @@ class LoaderSpec:
     ratio: tuple[float, float]  # RandomResizedCrop aspect-ratio range (3/4, 4/3)
     hflip: bool
     device: torch.device  # where the model runs (cuda:N or cpu)
+    order: Optional[EpochOrder] = None  # training: this rank's order and resume position (set_epoch goes to it)
+
+
+class _OrderBatches(Sampler[list[tuple[int, int]]]):
+    """Batches of (index, epoch) keys of one pass over an EpochOrder; `sampler` is where Lightning's
+    `_set_sampler_epoch` finds `set_epoch` (it looks at `loader.batch_sampler.sampler`)."""
+
+    def __init__(self, order: EpochOrder):
+        self.order = self.sampler = order
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # A generator: the pass begins at the first batch drawn (a DataLoader iterator calls iter() on its batch
+        # sampler twice as it starts, and the first one is never read).
+        yield from self.order.batches(self.order.begin_pass())
+
+    def __len__(self) -> int:
+        return self.order.batches_per_epoch
+
+
+class TrainLoader(DataLoader):
+    """The torchvision backend's training DataLoader, resumable mid-epoch:
+    - a pass starts when its first batch is requested: Lightning creates the training iterator before it calls
+      `set_epoch` when it resumes, and a DataLoader with workers would have drawn its first indices from the stale
+      epoch right then;
+    - `state_dict()` is the position in the epoch (`TrainPosition`), counting the batches handed to the training
+      loop (not those the workers prefetched); `load_state_dict()` makes the next pass of that epoch start there.
+    `len()` is always the whole epoch's batches, as Lightning counts a resumed epoch's batches from its start."""
+
+    def __init__(self, dataset: Dataset, order: EpochOrder, **kwargs):
+        super().__init__(dataset, batch_sampler=_OrderBatches(order), **kwargs)
+        self.order = order
+
+    def __iter__(self):
+        return self._pass()
+
+    def _pass(self):
+        for batch in super().__iter__():
+            self.order.batches_read()
+            yield batch
+
+    def state_dict(self) -> dict:
+        return self.order.position().as_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.order.resume_at(TrainPosition.from_dict(state))
 
 
 class ImageNetDataModule(pl.LightningDataModule):
@@ -160,7 +206,9 @@ class ImageNetDataModule(pl.LightningDataModule):
             max_corrupt_train_images: undecodable training images skipped (with a warning naming each) per
                 loader worker before the run stops; validation never skips one.
             pin_memory: page-locked host batches for faster copies to the GPU.
-            seed: seed of the training shuffle (same on every rank, reshuffled each epoch).
+            seed: seed of the training shuffle (same on every rank, reshuffled each epoch) and, in the torchvision
+                backend, of each image's augmentation: a function of (seed, epoch, image index), the same with any
+                number of loader workers or ranks and after a resume.
             backend: the loader: `torchvision` (DataLoader, the reference), `dali` (NVIDIA DALI) or `ffcv`
                 (.beton files written by `resnet prepare ffcv`); same crops, labels and sharding.
             dali_device: `gpu` decodes with nvJPEG and augments on the GPU, `cpu` runs the same pipeline on
@@ -177,6 +225,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.classes: list[str] = []
         self.train_set: Optional[ImageFolderDataset] = None
         self.val_set: Optional[ImageFolderDataset] = None
+        self.train_order: Optional[EpochOrder] = None  # made with the training loader
+        self._resume_position: Optional[TrainPosition] = None  # from a checkpoint, until the loader exists
 
     @property
     def num_classes(self) -> int:
@@ -222,6 +272,7 @@ class ImageNetDataModule(pl.LightningDataModule):
                     lighting_std=hp.lighting_std,
                 ),
                 max_corrupt=hp.max_corrupt_train_images,
+                seed=hp.seed,
             )
         if stage in ("fit", "validate"):
             self.val_set = ImageFolderDataset(
@@ -229,9 +280,11 @@ class ImageNetDataModule(pl.LightningDataModule):
                 val_transform(crop_size=hp.crop_size, resize_size=hp.val_resize_size),
             )
 
-    def _loader(self, dataset: ImageFolderDataset, **kwargs) -> DataLoader:
+    def _loader(self, dataset: ImageFolderDataset, order: Optional[EpochOrder] = None, **kwargs) -> DataLoader:
         workers = default_num_workers(self.hparams.num_workers)
-        return DataLoader(
+        if order is not None:
+            kwargs = {"order": order, **kwargs}
+        return (TrainLoader if order is not None else DataLoader)(
             dataset,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
@@ -240,21 +293,27 @@ class ImageNetDataModule(pl.LightningDataModule):
             **kwargs,
         )
 
-    def _spec(self, samples: list[tuple[str, int]]) -> LoaderSpec:
+    def _spec(self, samples: list[tuple[str, int]], train: bool = False) -> LoaderSpec:
         rank, world = self._world()
         hp = self.hparams
+        order = None
+        if train:  # one per training loader, at the resume position of the checkpoint Lightning restored
+            order = EpochOrder(len(samples), hp.seed, rank, world, self.per_device_batch_size)
+            order.resume_at(self._resume_position)
+            self.train_order = order
         return LoaderSpec(
             samples=samples, rank=rank, world_size=world, batch_size=self.per_device_batch_size,
             num_workers=default_num_workers(hp.num_workers), seed=hp.seed,
             crop_size=hp.crop_size, val_resize_size=hp.val_resize_size, scale=tuple(hp.random_resized_crop_scale),
             ratio=(3 / 4, 4 / 3), hflip=hp.hflip,
             device=self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu"),
+            order=order,
         )
 
     def _backend_loader(self, split: str):
         hp = self.hparams
         dataset = self.train_set if split == "train" else self.val_set
-        spec = self._spec(dataset.samples)
+        spec = self._spec(dataset.samples, train=split == "train")
         if hp.backend == "dali":
             from datamodules import dali  # imported only when chosen: DALI is a large optional install
 
@@ -270,10 +329,9 @@ class ImageNetDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.hparams.backend != "torchvision":
             return self._backend_loader("train")
-        rank, world = self._world()
-        # Our own DistributedSampler (also on one rank): same shuffle for any world size; Lightning calls set_epoch.
-        sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=self.hparams.seed)
-        return self._loader(self.train_set, sampler=sampler, batch_size=self.per_device_batch_size, drop_last=True)
+        # The order of datamodules/order.py (DistributedSampler's, also on one rank): the same shuffle for any world
+        # size, resumable mid-epoch; Lightning calls set_epoch.
+        return self._loader(self.train_set, order=self._spec(self.train_set.samples, train=True).order)
 
     def val_dataloader(self) -> DataLoader:
         if self.hparams.backend != "torchvision":
@@ -283,10 +341,18 @@ class ImageNetDataModule(pl.LightningDataModule):
         return self._loader(self.val_set, batch_sampler=batches)
 
     def state_dict(self) -> dict:
-        # Stored in every checkpoint: evaluation maps a val folder to the model's outputs by these names.
-        return {"classes": list(self.classes)}
+        """Stored in every checkpoint: the class names (evaluation maps a val folder to the model's outputs by them)
+        and where training is in its epoch's order (`TrainPosition`), for an exact resume."""
+        state: dict = {"classes": list(self.classes)}
+        position = self.train_order.position() if self.train_order is not None else self._resume_position
+        if position is not None:
+            state["train_position"] = position.as_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_position = TrainPosition.from_dict(state_dict.get("train_position"))
+        if self.train_order is not None:  # the loader exists already: its next pass of that epoch starts there
+            self.train_order.resume_at(self._resume_position)
         saved = state_dict.get("classes")
         if saved and self.classes and saved != self.classes:
             diff = sorted(set(saved) ^ set(self.classes))[:5] or "same names, another order"

@@ -49,22 +49,28 @@ def test_last_ckpt_is_the_latest_epoch_even_without_a_top_k_save(demo_root, tmp_
     assert last["global_step"] == 18 and last["epoch"] == 1
 
 
-def test_resume_path_prefers_requeue_checkpoint_then_last_after_a_slurm_restart(tmp_path, monkeypatch):
-    last = tmp_path / "checkpoints" / "last.ckpt"
+def test_resume_path_prefers_the_newest_checkpoint_of_any_kind_after_a_requeue_or_restart(tmp_path, monkeypatch):
+    ckpts = tmp_path / "checkpoints"
+    save = lambda path, step: torch.save({"global_step": step}, path)
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
-    assert resume_path(tmp_path, last) is None  # a fresh run
-    last.parent.mkdir()
-    last.touch()
+    assert resume_path(tmp_path, ckpts) is None  # a fresh run
+    ckpts.mkdir()
+    save(ckpts / "last.ckpt", 9)
     with pytest.raises(FileExistsError, match="last.ckpt exists: resume that run with --ckpt_path last"):
-        resume_path(tmp_path, last)  # a fresh fit would overwrite that run
+        resume_path(tmp_path, ckpts)  # a fresh fit would overwrite that run
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # requeued after a node failure: no hpc_ckpt_N.ckpt
-    assert resume_path(tmp_path, last) == str(last)
-    (tmp_path / "hpc_ckpt_1.ckpt").touch()
-    (tmp_path / "hpc_ckpt_2.ckpt").touch()
-    assert resume_path(tmp_path, last) == str(tmp_path / "hpc_ckpt_2.ckpt")
-    # The resumed run went on and saved last.ckpt; then SLURM restarted it without a signal (node failure).
-    os.utime(last, (time.time() + 60, time.time() + 60))
-    assert resume_path(tmp_path, last) == str(last)
+    assert resume_path(tmp_path, ckpts) == str(ckpts / "last.ckpt")
+    save(tmp_path / "hpc_ckpt_1.ckpt", 3)
+    save(tmp_path / "hpc_ckpt_2.ckpt", 12)
+    assert resume_path(tmp_path, ckpts) == str(tmp_path / "hpc_ckpt_2.ckpt")
+    # The resumed run went on and saved a periodic checkpoint; then a rank was killed (no signal).
+    save(ckpts / "periodic.ckpt", 15)
+    assert resume_path(tmp_path, ckpts) == str(ckpts / "periodic.ckpt")
+    # The same step twice (an epoch-end last.ckpt and a requeue checkpoint after it): the newer file.
+    save(ckpts / "last.ckpt", 15)
+    os.utime(ckpts / "last.ckpt", (time.time() + 60, time.time() + 60))
+    assert resume_path(tmp_path, ckpts) == str(ckpts / "last.ckpt")
+    assert resume_path(tmp_path, ckpts, "elsewhere.ckpt") == "elsewhere.ckpt"
 
 
 def test_the_command_line_writes_checkpoints_atomically(demo_root, tmp_path):

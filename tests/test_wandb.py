@@ -3,6 +3,7 @@
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -149,8 +150,8 @@ def test_ddp_makes_one_run_named_after_the_slurm_job(no_login, demo_root, tmp_pa
                               "--trainer.strategy", "ddp", *W_AND_B), env={"SLURM_JOB_ID": "12345"})
     (run,) = offline_runs(root)  # rank 1 made none
     info = records(run, "--summary")
-    assert info["run_id"] == "resnet18-12345" and info["name"] == "resnet18-12345"
-    assert (root / "wandb_run_id").read_text().strip() == "resnet18-12345"
+    assert info["run_id"].startswith("resnet18-12345-") and info["name"] == "resnet18-12345"
+    assert (root / "wandb_run_id").read_text().strip() == info["run_id"]
     assert len(logged(history(run), "train/augmented_images")) == 1
     assert info["summary"]["val/images"] == 30  # each val image once over both ranks, as in the CSV
 
@@ -184,14 +185,15 @@ def test_run_identity_is_stable_per_run_directory(tmp_path, monkeypatch):
     assert first == run_identity(tmp_path / "a", "resnet50") and first[1] == "resnet50-a"  # read back, not new
     assert run_identity(tmp_path / "b", "resnet50")[0] != first[0]
     monkeypatch.setenv("SLURM_JOB_ID", "777")
-    assert run_identity(tmp_path / "c", "resnet152") == ("resnet152-777", "resnet152-777")
+    run_id, name = run_identity(tmp_path / "c", "resnet152")
+    assert name == "resnet152-777" and re.fullmatch(r"resnet152-777-[0-9a-f]{8}", run_id)
     assert run_identity(tmp_path / "a", "resnet50")[0] == first[0]  # a resume in a later job: the same run
     assert run_identity(tmp_path / "a", "resnet50", "mine")[0] == "mine" == run_identity(tmp_path / "a", "resnet50")[0]
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "700")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
-    assert run_identity(tmp_path / "d", "resnet101")[0] == "resnet101-700_3"
+    assert run_identity(tmp_path / "d", "resnet101")[0].startswith("resnet101-700_3-")
     monkeypatch.setattr(wandb_logging.rank_zero_only, "rank", 1)
-    assert run_identity(tmp_path / "e", "resnet50")[0] == "resnet50-700_3"
+    assert run_identity(tmp_path / "e", "resnet50")[0].startswith("resnet50-700_3-")
     assert not (tmp_path / "e").exists()  # only rank 0 writes
 
 

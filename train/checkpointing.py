@@ -1,16 +1,16 @@
 """Checkpoints that survive: best.ckpt and a last.ckpt that is really the latest, written atomically; saved on
-SLURM's signal before a time limit or preemption, then requeue and resume."""
+SLURM's signal before a time limit, on preemption (SIGTERM) and every `requeue.checkpoint_every_minutes`; a restart
+resumes from the newest valid one, at the exact position in the epoch's data order."""
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Optional
@@ -21,9 +21,22 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from train.signals import (  # noqa: F401  (re-exported: the names callers and tests know)
+    NOTHING_NEW,
+    REQUEUE_EXIT,
+    Preempted,
+    Requeued,
+    in_slurm_job,
+    is_startup_handler,
+    requeue,
+    slurm_job_id,
+)
+
+log = logging.getLogger(__name__)
 HPC_CKPT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
+PERIODIC = "periodic.ckpt"  # in the checkpoint folder, replaced every requeue.checkpoint_every_minutes
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -66,36 +79,68 @@ class BestAndLastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
-def slurm_job_id() -> Optional[str]:
-    """The id `scontrol requeue` takes: `ARRAYJOB_TASK` for array tasks, else SLURM_JOB_ID; None outside SLURM."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def hpc_checkpoints(root: Path) -> list[Path]:
     """Requeue checkpoints in a run directory, oldest first."""
     found = [(int(m.group(1)), p) for p in Path(root).glob("hpc_ckpt_*.ckpt") if (m := HPC_CKPT.search(p.name))]
     return [p for _, p in sorted(found)]
 
 
-def resume_path(root: Path, last: Path) -> Optional[str]:
-    """Where a `fit` without --ckpt_path starts: the newest requeue checkpoint (hpc_ckpt_N.ckpt, saved on SLURM's
-    signal) if any, unless last.ckpt was saved after it; last.ckpt when SLURM restarted the job without one (node failure); otherwise a fresh start,
-    refused over an existing run (it would replace its best.ckpt and last.ckpt)."""
-    if requeued := hpc_checkpoints(root):
-        # The run may have gone on after that requeue and saved last.ckpt since: then a restart (node failure,
-        # SIGTERM preemption) must not go back to the requeue checkpoint.
-        newest = requeued[-1]
-        if last.exists() and last.stat().st_mtime > newest.stat().st_mtime:
-            return str(last)
+def checkpoint_step(path: Path) -> Optional[tuple[int, float]]:
+    """(global step, mtime) of a readable checkpoint; None, with a warning naming it, for a corrupt, truncated or
+    unreadable file. Memory-mapped: the tensors are not read, a full-size checkpoint is checked in milliseconds."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        return int(state["global_step"]), path.stat().st_mtime
+    except Exception as e:  # any reason a file cannot be resumed from: skip it, say which and why
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        rank_zero_warn(f"{path}: skipped, not a readable checkpoint ({why})")
+        return None
+
+
+def resume_candidates(root: Path, ckpt_dir: Path) -> list[Path]:
+    """Every checkpoint a run can resume from: requeue (hpc_ckpt_N.ckpt), periodic and epoch-end (last.ckpt)."""
+    return [*hpc_checkpoints(root), *(p for p in (ckpt_dir / PERIODIC, ckpt_dir / "last.ckpt") if p.is_file())]
+
+
+def newest_checkpoint(root: Path, ckpt_dir: Path) -> Optional[Path]:
+    """The readable checkpoint of the run with the highest global step (the newest file among equals)."""
+    steps = {p: step for p in resume_candidates(root, ckpt_dir) if (step := checkpoint_step(p)) is not None}
+    return max(steps, key=steps.get) if steps else None
+
+
+def describe_folder(root: Path) -> str:
+    """What a run directory holds, for error messages: its checkpoint files, else its entries."""
+    if not root.is_dir():
+        return "it does not exist"
+    ckpts = sorted(str(p.relative_to(root)) for p in root.rglob("*.ckpt"))
+    if ckpts:
+        return f"its checkpoints ({', '.join(ckpts)}) are all unreadable"
+    entries = sorted(p.name for p in root.iterdir())
+    return f"it holds no checkpoint ({', '.join(entries[:8]) or 'it is empty'})"
+
+
+def resume_path(root: Path, ckpt_dir: Path, ckpt_path: Optional[str] = None) -> Optional[str]:
+    """The checkpoint `resnet fit` starts from.
+    - `ckpt_path="last"`: the newest readable checkpoint of any kind (requeue, periodic, epoch end); an error naming
+      the folder and what it holds when there is none.
+    - another `ckpt_path`: that file.
+    - None: a requeued or restarted job (a requeue checkpoint is there, or SLURM_RESTART_COUNT > 0 after a node
+      failure or `scontrol requeue`) resumes from the newest readable checkpoint; a fresh start is refused over an
+      existing run (it would replace its checkpoints); otherwise a fresh start (None)."""
+    if ckpt_path not in (None, "last"):
+        return ckpt_path
+    newest = newest_checkpoint(root, ckpt_dir)
+    if ckpt_path == "last":
+        if newest is None:
+            raise FileNotFoundError(f"--ckpt_path last: nothing to resume in {root}: {describe_folder(root)}")
         return str(newest)
-    if last.exists() and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        return str(last)
-    if last.exists():
+    restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if hpc_checkpoints(root) or restarted:
+        return str(newest) if newest is not None else None
+    if newest is not None or resume_candidates(root, ckpt_dir):
         raise FileExistsError(
-            f"{last} exists: resume that run with --ckpt_path last, or start a new one in another "
-            "--trainer.default_root_dir"
+            f"{newest or resume_candidates(root, ckpt_dir)[0]} exists: resume that run with --ckpt_path last, or start "
+            "a new one in another --trainer.default_root_dir"
         )
     return None
 
@@ -109,18 +154,7 @@ def close_process_group() -> None:
         dist.destroy_process_group()
 
 
-class Requeued(BaseException):
-    """Raised on every rank once the requeue checkpoint is saved: ends `fit` without validating or saving more.
-    A BaseException, as KeyboardInterrupt: no `except Exception` on the way (a benchmark row, a logger) swallows it."""
-
-
-class Preempted(BaseException):
-    """Raised on every rank once the checkpoint is saved after a SIGTERM (SLURM preemption or `scancel`, `docker
-    stop`, a node drain): ends `fit`; the process then exits 143 (128 + SIGTERM) without requeueing, which SLURM
-    does itself for a preempted `--requeue` job."""
-
-
-USR1, TERM = 0, 1  # positions in the flags the ranks agree on
+USR1, TERM, PERIODIC_DUE = 0, 1, 2  # positions in the flags the ranks agree on
 
 
 class AgreedFlags:
@@ -166,36 +200,52 @@ class AgreedFlags:
 
 
 class RequeueOnSignal(Callback):
-    """Saves the run and ends `fit` on every rank at the same optimizer step when a job signal arrives:
+    """Saves the run and ends `fit` on every rank at the same optimizer step when a job signal arrives, and saves it
+    every `checkpoint_every_minutes` of training:
     - SIGUSR1 under SLURM (`#SBATCH --signal=SIGUSR1@<s>`, sent <s> seconds before the time limit, or
       `scancel --signal=USR1 JOB`): `hpc_ckpt_N.ckpt` in the run directory, then `Requeued`, and `resnet` requeues
-      the job (see `requeue`); the requeued job keeps its id and run directory and Lightning resumes from the newest
-      `hpc_ckpt_N.ckpt` there at the same global step (a mid-epoch resume replays that epoch's data order from its
-      start: the loaders keep no position).
-    - SIGTERM, everywhere (SLURM preemption and `scancel`, `docker stop`): the same checkpoint, then `Preempted`,
-      and `resnet` exits 143. Lightning's own SIGTERM handling is replaced: it broadcasts a tensor from rank 0 on
-      every training step (a collective and a GPU synchronisation per step) and acts on the flag per rank.
+      the job (see `requeue`); the requeued job keeps its id and run directory and resumes from the newest
+      checkpoint there at the same global step and the same position in the epoch's data order.
+    - SIGTERM, everywhere (SLURM preemption with a GraceTime, `scancel`, `docker stop`): the same checkpoint, then
+      `Preempted`, and `resnet` exits 143; SLURM requeues a preempted `--requeue` job itself. Lightning's own SIGTERM
+      handling is replaced: it broadcasts a tensor from rank 0 on every training step (a collective and a GPU
+      synchronisation per step) and acts on the flag per rank.
+    - Periodic: `checkpoints/periodic.ckpt`, replaced atomically, for what no signal announces (a crash, a killed
+      rank, a lost node): a restart loses at most this much training.
+    - Before the first training step (set-up, data scan, checkpoint restore, sanity check) a signal ends `fit` at
+      once: there is nothing new to save (see train/signals.py, which handles the imports before this callback).
 
     The handlers only set flags. Saving inside a handler, as Lightning's own SLURM handler does, can run between two
     collectives of a DDP step or halfway through an optimizer step; here the ranks agree on the flags through
     `AgreedFlags` (an asynchronous all-reduce read `lag` steps later) and save at the same, consistent point, a few
-    steps after the signal (well within SLURM's warning time or grace period)."""
+    steps after the signal (well within SLURM's warning time or grace period). A signal during validation is acted
+    on at the next training step; one agreed on at an epoch's last batch, after that epoch's validation."""
 
-    def __init__(self, signal_name: str = "SIGUSR1", lag_steps: int = 2) -> None:
+    def __init__(self, signal_name: str = "SIGUSR1", lag_steps: int = 2,
+                 checkpoint_every_minutes: Optional[float] = 30.0) -> None:
         """
         Args:
             signal_name: the signal of `#SBATCH --signal=<name>@<seconds>` (no `B:`, so that srun's tasks get it).
             lag_steps: optimizer steps between a signal and the save (the ranks' asynchronous agreement).
+            checkpoint_every_minutes: minutes of training between periodic checkpoints (`checkpoints/periodic.ckpt`);
+                None or 0 = none. A ResNet-50 checkpoint (weights, SGD momentum: ~200 MB) takes about a second to
+                write (docs/BENCHMARKS.md): 30 minutes costs well under 0.1 % of the run.
         """
         if not hasattr(signal, signal_name) or signal_name in ("SIGTERM", "SIGINT", "SIGKILL"):
             raise ValueError(f"requeue.signal_name={signal_name!r}: expected SIGUSR1 or SIGUSR2")
         if lag_steps < 1:
             raise ValueError(f"requeue.lag_steps={lag_steps}: expected 1 or more")
+        if checkpoint_every_minutes is not None and checkpoint_every_minutes < 0:
+            raise ValueError(f"requeue.checkpoint_every_minutes={checkpoint_every_minutes}: expected > 0, or 0 for none")
         self.signum, self.lag_steps = getattr(signal, signal_name), lag_steps
+        self.period_s = 60.0 * checkpoint_every_minutes if checkpoint_every_minutes else None
         self._flags = [False, False]  # USR1, TERM
-        self._active = False  # within fit: the handlers set flags; otherwise they hand the signal on
+        self._active = False  # within fit: the handlers act; otherwise they hand the signal on
+        self._training = False  # from the first training step: flags; before it: end at once
         self._agreed: Optional[AgreedFlags] = None
+        self._deferred: Optional[tuple[bool, bool, bool]] = None  # agreed at an epoch's last batch: acted on at its end
         self._previous: dict[int, Any] = {}
+        self._last_save = 0.0
 
     def _install(self, signum: int, flag: int) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -204,9 +254,11 @@ class RequeueOnSignal(Callback):
         signal.signal(signum, functools.partial(self._on_signal, flag))
 
     def _on_signal(self, flag: int, signum: int, frame) -> None:
-        if self._active:
+        if self._active and self._training:
             self._flags[flag] = True
             return
+        if self._active:  # before the first step: nothing new to save, leave now (every rank gets the signal)
+            raise (Preempted if flag == TERM else Requeued)(NOTHING_NEW)
         # After fit: Lightning's teardown after an exception re-installs the handlers it found (these). Act as the
         # handler from before fit would: the process must not become deaf to SIGTERM.
         previous = self._previous.get(signum)
@@ -216,7 +268,7 @@ class RequeueOnSignal(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._active = True
+        self._active, self._training = True, False
         # Installed before the Trainer installs its handlers (which then leaves SIGUSR1 to this one), and before
         # any loader worker starts (datamodules ignore both signals in workers: the main process decides).
         if SLURMEnvironment.detect():  # SIGUSR1 means "requeue" only in a SLURM job
@@ -234,6 +286,7 @@ class RequeueOnSignal(Callback):
         self._install(signal.SIGTERM, TERM)
         trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
         self._agreed = AgreedFlags(trainer.world_size, self.lag_steps)
+        self._training, self._last_save = True, time.monotonic()
         if trainer.ckpt_path:
             restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
             rank_zero_info(
@@ -244,10 +297,38 @@ class RequeueOnSignal(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         if self._agreed is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # between optimizer steps the accumulated gradients would be lost
-        usr1, term = self._agreed.poll(self._flags)
-        if not (usr1 or term):
+        due = self.period_s is not None and time.monotonic() - self._last_save >= self.period_s
+        usr1, term, periodic = self._agreed.poll([*self._flags, due])
+        if not (usr1 or term or periodic):
             return
-        self._agreed.drain()
+        if batch_idx + 1 >= trainer.num_training_batches:
+            # The epoch's last batch: after its validation and epoch-end checkpoint (on_train_epoch_end). Lightning
+            # resumes a checkpoint of the last batch in the next epoch: that epoch's validation would be lost.
+            self._deferred = (usr1, term, periodic)
+            return
+        self._act(trainer, usr1, term, periodic)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._deferred is not None:
+            (usr1, term, periodic), self._deferred = self._deferred, None
+            self._act(trainer, usr1, term, periodic)
+
+    def _act(self, trainer: pl.Trainer, usr1: bool, term: bool, periodic: bool) -> None:
+        if term or usr1:
+            self._agreed.drain()
+            path = self._save_requeue_checkpoint(trainer)
+            name = "SIGTERM" if term else signal.Signals(self.signum).name
+            rank_zero_info(f"Signal {name}: saved {path} at global step {trainer.global_step}")
+            raise (Preempted if term else Requeued)(str(path))
+        path = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints") / PERIODIC
+        start = time.perf_counter()
+        trainer.save_checkpoint(path)  # rank 0 writes (atomically), every rank waits for it
+        self._last_save = time.monotonic()
+        rank_zero_info(f"Periodic checkpoint {path} at global step {trainer.global_step} "
+                       f"({time.perf_counter() - start:.1f} s)")
+
+    @staticmethod
+    def _save_requeue_checkpoint(trainer: pl.Trainer) -> Path:
         root = Path(trainer.default_root_dir)
         older = hpc_checkpoints(root)
         number = int(HPC_CKPT.search(older[-1].name).group(1)) + 1 if older else 1
@@ -256,23 +337,23 @@ class RequeueOnSignal(Callback):
         if trainer.is_global_zero:
             for old in older:  # one full model + optimizer each: keep only the newest
                 old.unlink(missing_ok=True)
-        name = "SIGTERM" if term else signal.Signals(self.signum).name
-        rank_zero_info(f"Signal {name}: saved {path} at global step {trainer.global_step}")
-        raise (Preempted if term else Requeued)(str(path))
+        return path
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._agreed is not None:
             self._agreed.drain()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # The run finished: last.ckpt is newer. A later `fit` here (more epochs) must not resume from this one.
+        # The run finished: last.ckpt is newer. A later `fit` here (more epochs) resumes from it, not from these.
         if trainer.is_global_zero:
-            for old in hpc_checkpoints(Path(trainer.default_root_dir)):
-                old.unlink(missing_ok=True)
-                rank_zero_info(f"Removed {old}: the run finished, checkpoints/last.ckpt supersedes it")
+            ckpt_dir = Path(getattr(trainer.checkpoint_callback, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints")
+            for old in [*hpc_checkpoints(Path(trainer.default_root_dir)), ckpt_dir / PERIODIC]:
+                if old.exists():
+                    old.unlink()
+                    rank_zero_info(f"Removed {old}: the run finished, checkpoints/last.ckpt supersedes it")
 
     def _restore_handlers(self) -> None:
-        self._active = False
+        self._active = self._training = False
         for signum, handler in self._previous.items():
             if threading.current_thread() is threading.main_thread() and handler is not None:
                 signal.signal(signum, handler)
@@ -286,31 +367,3 @@ class RequeueOnSignal(Callback):
             for logger in trainer.loggers:  # flush W&B now: the requeue stops the job within seconds
                 if isinstance(logger, WandbLogger) and logger._experiment is not None:
                     logger.experiment.finish()
-
-
-REQUEUE_EXIT = 75  # EX_TEMPFAIL: saved, but no scontrol here to requeue with
-
-
-def requeue(checkpoint: str) -> None:
-    """After `fit` ended with `Requeued` and tore down: rank 0 has the job put back in the queue, last of all,
-    because SLURM stops the job's processes as soon as it is requeued. The scripts in slurm/ set
-    RESNET_REQUEUE_FILE: rank 0 writes it and every rank exits 0; the script requeues from the host after srun
-    returns (a container has no scontrol or munge). Otherwise rank 0 runs `scontrol requeue` itself."""
-    if int(os.environ.get("SLURM_PROCID", "0")) != 0:
-        return
-    if request := os.environ.get("RESNET_REQUEUE_FILE"):
-        Path(request).write_text(checkpoint + "\n")
-        print(f"Saved {checkpoint}: the job script requeues the job ({request})", flush=True)
-        return
-    job = slurm_job_id()
-    if shutil.which("scontrol") is None:
-        print(f"Saved {checkpoint}, but there is no scontrol here (a container?) to requeue job {job} with",
-              file=sys.stderr, flush=True)
-        raise SystemExit(REQUEUE_EXIT)
-    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(
-            f"scontrol requeue {job} failed: {done.stderr.strip()}. Resume from {checkpoint} in a new job with "
-            f"--trainer.default_root_dir {Path(checkpoint).parent} (slurm/: RESNET_RUN_DIR={Path(checkpoint).parent})"
-        )
-    print(f"Requeued SLURM job {job}: it resumes from {checkpoint}", flush=True)

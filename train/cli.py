@@ -28,9 +28,9 @@ from train.checkpointing import (
     Requeued,
     RequeueOnSignal,
     close_process_group,
-    requeue,
     resume_path,
 )
+from train.signals import end_on_job_signal
 from train.wandb_logging import configure_wandb, log_ensemble, log_safely, run_dir_of, wanted
 
 
@@ -51,6 +51,11 @@ class ResNetCLI(LightningCLI):
         parser.add_lightning_class_args(ImagesPerSecond, "throughput")
         parser.add_lightning_class_args(TrainingReport, "report")
         parser.add_lightning_class_args(RequeueOnSignal, "requeue")
+        parser.add_argument(
+            "--random_weights", type=bool, default=False,
+            help="validate: evaluate randomly initialised weights on purpose (without it, `resnet validate` needs "
+                 "--ckpt_path or --model.pretrained)",
+        )
 
     def before_instantiate_classes(self) -> None:
         """Everything of a run lives under trainer.default_root_dir: checkpoints/ (fixed, so `--ckpt_path last`
@@ -64,11 +69,22 @@ class ResNetCLI(LightningCLI):
             config.trainer.enable_progress_bar = sys.stderr.isatty()
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
-        if self.subcommand == "fit" and config.ckpt_path is None:
-            try:
-                config.ckpt_path = resume_path(root, Path(config.checkpoint.dirpath) / "last.ckpt")
-            except FileExistsError as e:
-                self.parser.error(str(e))
+        ckpt_dir = Path(config.checkpoint.dirpath)
+        try:
+            if self.subcommand == "fit":
+                config.ckpt_path = resume_path(root, ckpt_dir, config.ckpt_path)
+            elif config.get("ckpt_path") == "last":
+                config.ckpt_path = resume_path(root, ckpt_dir, "last")
+        except (FileExistsError, FileNotFoundError) as e:
+            self.parser.error(str(e))
+        if self.subcommand == "validate" and not (
+            config.ckpt_path or config.model.pretrained or config.random_weights
+        ):
+            self.parser.error(
+                "validate: no weights given, the accuracy would be that of a random initialisation: pass --ckpt_path "
+                "(e.g. runs/imagenet_r50/checkpoints/best.ckpt, or `last`), --model.pretrained FILE, or "
+                "--random_weights true to evaluate random weights on purpose"
+            )
         if config.trainer.logger is not False:  # False: no logging at all
             # The CSV logger first: trainer.log_dir is the first logger's (logs/version_N/: config.yaml, the report).
             # Other loggers (e.g. configs/logger/wandb.yaml) come after it.
@@ -78,7 +94,8 @@ class ResNetCLI(LightningCLI):
                 csv = Namespace(class_path="lightning.pytorch.loggers.CSVLogger", init_args=Namespace(save_dir=str(root), name="logs"))
                 loggers.insert(0, csv)
             config.trainer.logger = loggers
-            configure_wandb(config, root)  # W&B loggers: run directory, stable run id, name; dashboards callback
+            # W&B loggers: run directory, run id (kept by a resumed run, new for a fresh one), name; dashboards callback
+            configure_wandb(config, root, resumed=bool(config.get("ckpt_path")))
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -164,15 +181,9 @@ def main(args: Optional[list[str]] = None) -> None:
         return commands[argv[0]](argv[1:])
     try:
         build_cli(args)
-    except Requeued as saved:  # saved on SLURM's signal: this life of the job ends here, cleanly
+    except (Requeued, Preempted) as saved:  # saved on a job signal (or nothing yet to save): this life ends here
         close_process_group()
-        requeue(str(saved))
-        sys.exit(0)
-    except Preempted as saved:  # saved on SIGTERM: SLURM requeues a preempted --requeue job by itself
-        close_process_group()
-        if int(os.environ.get("SLURM_PROCID", "0")) == 0:
-            print(f"SIGTERM: saved {saved}; a later `resnet fit` in the same run directory resumes from it", flush=True)
-        sys.exit(128 + signal.SIGTERM)
+        end_on_job_signal(saved)  # requeue (SIGUSR1) or exit 143 (SIGTERM: SLURM requeues a preempted job)
     close_process_group()
 
 

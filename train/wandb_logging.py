@@ -116,15 +116,17 @@ class WandbRunLogger(WandbLogger):
             print(sync_hint(save_dir, id or "<id>"), file=sys.stderr)
 
 
-def run_identity(root: Path, arch: str, run_id: Optional[str] = None) -> tuple[str, str]:
+def run_identity(root: Path, arch: str, run_id: Optional[str] = None, resumed: bool = True) -> tuple[str, str]:
     """(id, name) of the W&B run of the run directory `root`. The id (`run_id` when given) is written to
     `root/wandb_run_id` and read back by later commands, so that `--ckpt_path last` and SLURM requeues continue
-    the same run. New ids: `<arch>-<job id>` under SLURM, which every rank derives alike; else `<arch>-<random>`."""
+    the same run. A fresh training run (`resumed=False`) gets a new id even where an old run left its file (its
+    curves must not join the old run's): `<arch>-<job id>-<random>` under SLURM, else `<arch>-<random>` (only rank
+    0 makes a run: other ranks' ids are unused)."""
     job = slurm_job_id()
     name = f"{arch}-{job or root.resolve().name}"
     stored = root / RUN_ID_FILE
-    known = stored.read_text().strip() if stored.is_file() else ""
-    run_id = run_id or known or (f"{arch}-{job}" if job else f"{arch}-{secrets.token_hex(4)}")
+    known = stored.read_text().strip() if stored.is_file() and resumed else ""
+    run_id = run_id or known or "-".join(filter(None, (arch, job, secrets.token_hex(4))))
     if run_id != known and rank_zero_only.rank == 0:  # other ranks never make a run: their id is unused
         root.mkdir(parents=True, exist_ok=True)
         partial = stored.with_name(f".{RUN_ID_FILE}.partial")
@@ -142,9 +144,10 @@ def is_wandb_logger(class_path: str) -> bool:
     return isinstance(cls, type) and issubclass(cls, WandbLogger)
 
 
-def configure_wandb(config: Namespace, root: Path) -> None:
-    """For `trainer.logger` entries that are W&B loggers: save_dir (the run directory), id and name filled in
-    where not given, and the WandbDashboards callback added once. Runs on every rank; only rank 0 makes a run."""
+def configure_wandb(config: Namespace, root: Path, resumed: bool = True) -> None:
+    """For `trainer.logger` entries that are W&B loggers: save_dir (the run directory), id (the run directory's
+    when `resumed`, else a new one) and name filled in where not given, and the WandbDashboards callback added
+    once. Runs on every rank; only rank 0 makes a run."""
     loggers = config.trainer.logger if isinstance(config.trainer.logger, list) else [config.trainer.logger]
     found = False
     for logger in loggers:
@@ -154,7 +157,7 @@ def configure_wandb(config: Namespace, root: Path) -> None:
         args = logger.init_args
         if args.get("save_dir") in (None, "."):
             args.save_dir = str(root)
-        run_id, name = run_identity(root, config.model.arch, args.get("id"))
+        run_id, name = run_identity(root, config.model.arch, args.get("id"), resumed)
         args.id, args.name = run_id, args.get("name") or name
     callbacks = list(config.trainer.callbacks or [])
     dashboards = f"{__name__}.{WandbDashboards.__name__}"
