@@ -73,6 +73,9 @@ resnet_fit() {
     export RESNET_REQUEUE_FILE="$run_dir/requeue.request"
     rm -f "$RESNET_REQUEUE_FILE"
     local rc=0
+    # Preemption (SIGTERM, then SIGKILL after the partition's GraceTime): the tasks save and exit; this shell waits
+    # for srun instead of dying first and ending the job step under them.
+    trap 'echo "$(date -Is) SIGTERM: the training tasks save, then exit"' TERM
     # Last, so that no option or --config before them can change them: the world size and the run directory.
     resnet_srun fit --config "configs/$recipe.yaml" "${wandb[@]}" \
         --data.root "$IMAGENET_DIR" --data.num_workers "${SLURM_CPUS_PER_TASK:-8}" "$@" \

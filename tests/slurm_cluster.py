@@ -28,7 +28,8 @@ def free_port() -> int:
 
 
 class SlurmCluster:
-    """`with SlurmCluster(folder) as cluster:` one node (this machine, all its CPUs), one partition `debug`.
+    """`with SlurmCluster(folder) as cluster:` one node (this machine; `cpus` CPUs, default all it has), partitions
+    `debug` (the default), `preemptible` and `urgent` (whose jobs preempt those of `preemptible`).
     `cluster.env` is the environment for sbatch/scontrol/squeue."""
 
     def __init__(self, folder: Path, cpus: int | None = None):
@@ -105,8 +106,17 @@ class SlurmCluster:
                     "SwitchType=switch/none",
                     "JobAcctGatherType=jobacct_gather/none",
                     "AccountingStorageType=accounting_storage/none",
+                    # More CPUs than the machine has may be configured (two 2-task jobs side by side on 2 cores).
+                    "SlurmdParameters=config_overrides",
                     f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
-                    "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                    # Preemption as clusters set it up: a job of `urgent` (higher PriorityTier) takes the CPUs of
+                    # `preemptible` jobs, which get SIGTERM, GraceTime seconds to save, then SIGKILL, and are requeued.
+                    "PreemptType=preempt/partition_prio",
+                    "PreemptMode=REQUEUE",
+                    "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF",
+                    "PartitionName=preemptible Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE "
+                    "GraceTime=60",
+                    "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=3 PreemptMode=OFF",
                     "",
                 ]
             )

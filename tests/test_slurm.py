@@ -1,13 +1,15 @@
 """The SLURM scripts on a real one-node cluster (tests/slurm_cluster.py): `sbatch slurm/imagenet_r152.sh` with CPU
-overrides (2 tasks, gloo, the small demo set, ResNet-18 at 32 px), preempted with SIGUSR1, requeued, resumed at the
-same step into the same run directory and W&B run, then evaluated by a job chained on it; and `slurm/chain.sh`
-(train -> evaluate -> ensemble)."""
+overrides (2 tasks, gloo, the small demo set, ResNet-18 at 32 px) interrupted three ways (SIGUSR1 before a time
+limit, preemption by a job of a higher-priority partition, a rank killed with SIGKILL), resumed each time into the
+same run directory and W&B run, ending at the same weights as an uninterrupted job; then evaluated; and
+`slurm/chain.sh` (train -> evaluate -> ensemble)."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -40,7 +42,7 @@ def cluster():
     # munged must reach its socket through every parent folder: not under pytest's private tmp folders.
     folder = Path(tempfile.mkdtemp(prefix="resnet-slurm-", dir="/tmp"))
     folder.chmod(0o755)
-    with SlurmCluster(folder) as c:
+    with SlurmCluster(folder, cpus=4) as c:  # 4 on 2 cores: a reference job beside the interrupted one
         yield c
 
 
@@ -87,57 +89,109 @@ def read_log(path: Path) -> str:
     return path.read_text() if path.exists() else "(no log)"
 
 
-def test_requeue_resumes_same_step_run_dir_and_wandb_run_then_evaluates(cluster, job_env, tmp_path):
+def wait_for_log(cluster, job: str, log: Path, pattern: str, timeout: float = 240) -> re.Match:
+    """Polls `log` for `pattern` while the job runs, is requeued or pending (a requeued job held for its BeginTime
+    is started at once, as `wait_for(release=True)` does)."""
+    end, held_since = time.monotonic() + timeout, None
+    while time.monotonic() < end:
+        if found := re.search(pattern, read_log(log)):
+            return found
+        info = cluster.job(job)
+        assert info["JobState"] in {"PENDING", "RUNNING", "REQUEUED", "COMPLETING", "PREEMPTED", "REQUEUE_HOLD"}, read_log(log)[-3000:]
+        if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
+            held_since = held_since or time.monotonic()
+            if time.monotonic() - held_since >= 5:
+                cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
+        time.sleep(0.5)
+    raise AssertionError(f"job {job}: no {pattern!r} in {log} after {timeout} s:\n{read_log(log)[-3000:]}")
+
+
+def rank_process(job: str, rank: int) -> int:
+    """PID of `resnet fit` rank `rank` of a job (not one of its loader workers, which share its environment)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
+            cmd = (proc / "cmdline").read_text()
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(rank) and "resnet" in cmd and " fit" in cmd.replace("\0", " "):
+            found[int(proc.name)] = parent
+    return next(pid for pid, parent in found.items() if parent not in found)
+
+
+def final_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(cluster, job_env, tmp_path):
     out = Path(job_env["RESNET_OUTPUT"])
-    log = tmp_path / "train.log"
-    # One loader worker per rank: SLURM signals every process of the step, workers included.
-    job = sbatch(cluster, job_env, *SBATCH_CPU, f"--output={log}", "slurm/imagenet_r152.sh", *FIT_CPU,
-                 "--trainer.max_epochs", "6", "--data.num_workers", "1")
+    # 20 epochs x 9 steps (~40 s of training on 2 cores): time for three interruptions.
+    fit = [*FIT_CPU, "--trainer.max_epochs", "20", "--data.num_workers", "1"]
+    reference_log, log = tmp_path / "reference.log", tmp_path / "train.log"
+    reference = sbatch(cluster, job_env, *SBATCH_CPU, f"--output={reference_log}", "slurm/imagenet_r152.sh", *fit)
+    # One loader worker per rank: SLURM signals every process of the step, workers included. Periodic checkpoints
+    # every 1.2 s: the third interruption (a killed rank) resumes from one.
+    job = sbatch(cluster, job_env, *SBATCH_CPU, "--partition=preemptible", f"--output={log}", "slurm/imagenet_r152.sh",
+                 *fit, "--requeue.checkpoint_every_minutes", "0.02")
     run = out / f"imagenet_r152-{job}"
-    ckpt = run / "checkpoints" / "best.ckpt"
-    evaluation = sbatch(cluster, job_env, *SBATCH_CPU, f"--output={tmp_path / 'eval.log'}",
-                        f"--dependency=afterok:{job}", "--kill-on-invalid-dep=yes", "slurm/eval_10crop.sh",
-                        str(ckpt), "10crop", *EVAL_CPU)
 
-    # Signal once training has stepped: the first epoch's rows are in metrics.csv.
-    metrics = run / "logs" / "version_0" / "metrics.csv"
-    end = time.monotonic() + 180
-    while not (metrics.exists() and "train/loss" in metrics.read_text()) and time.monotonic() < end:
-        assert cluster.job(job)["JobState"] in {"PENDING", "RUNNING"}, read_log(log)
-        time.sleep(1)
+    # 1. SIGUSR1 (SLURM's warning before the time limit), once training has stepped: save, requeue, resume.
+    wait_for_log(cluster, job, run / "logs" / "version_0" / "metrics.csv", r"train/loss")
     cluster.run("scancel", "--signal=USR1", job)
+    first = wait_for_log(cluster, job, log, r"Signal SIGUSR1: saved (\S+) at global step (\d+)")
+    resumed = wait_for_log(cluster, job, log, r"Resumed from (\S+) at global step (\d+), epoch \d+ \(SLURM job (\d+), restart 1\)")
+    assert first.group(1) == resumed.group(1) == str(run / "hpc_ckpt_1.ckpt") and first.group(2) == resumed.group(2)
+    assert resumed.group(3) == job and int(first.group(2)) > 0
+
+    # 2. Preemption: a job of the `urgent` partition needs the CPUs; SLURM sends SIGTERM (GraceTime 60 s), the ranks
+    # save and exit 143, SLURM requeues the job and starts it again once the urgent job is done.
+    urgent = sbatch(cluster, job_env, "--partition=urgent", "--ntasks=2", "--cpus-per-task=1", "--time=5",
+                    f"--output={tmp_path / 'urgent.log'}", "--wrap", "sleep 2")
+    preempted = wait_for_log(cluster, job, log, r"Signal SIGTERM: saved (\S+) at global step (\d+)")
+    wait_for(cluster, urgent, {"COMPLETED"}, timeout=120)
+    again = wait_for_log(cluster, job, log, r"Resumed from (\S+) at global step (\d+), epoch \d+ \(SLURM job \d+, restart 2\)")
+    assert again.groups() == preempted.groups() and again.group(1) == str(run / "hpc_ckpt_2.ckpt")
+
+    # 3. No signal at all: rank 1 killed (SIGKILL, as the OOM killer or a lost node does) after a periodic
+    # checkpoint. The job fails; requeued by hand (`scontrol requeue`), it resumes from that checkpoint.
+    periodic = wait_for_log(cluster, job, log, r"restart 2\)[\s\S]*Periodic checkpoint (\S+) at global step (\d+)")
+    os.kill(rank_process(job, 1), signal.SIGKILL)
+    wait_for(cluster, job, {"FAILED"}, timeout=120)
+    cluster.run("scontrol", "requeue", job)
+    third = wait_for_log(cluster, job, log, r"Resumed from (\S+) at global step (\d+), epoch \d+ \(SLURM job \d+, restart 3\)")
+    assert third.group(1) == periodic.group(1) == str(run / "checkpoints" / "periodic.ckpt")
+    assert int(third.group(2)) >= int(periodic.group(2)) > int(again.group(2))  # the newest of its checkpoints
+
     info = wait_for(cluster, job, {"COMPLETED"}, timeout=300, release=True)
+    wait_for(cluster, reference, {"COMPLETED"}, timeout=300)
     text = read_log(log)
-    assert info["Restarts"] == "1", text[-3000:]
-
-    saved = re.search(r"Signal SIGUSR1: saved (\S+) at global step (\d+)", text)
-    resumed = re.search(r"Resumed from (\S+) at global step (\d+), epoch \d+ \(SLURM job (\d+), restart 1\)", text)
-    assert saved and resumed, text[-3000:]
-    assert saved.group(1) == resumed.group(1) == str(run / "hpc_ckpt_1.ckpt")
-    assert saved.group(2) == resumed.group(2) and int(saved.group(2)) > 0
-    assert resumed.group(3) == job
-    assert "config.yaml" not in text.split("Resumed from")[0].split("restart 1:")[-1]  # no "config.yaml exists"
-    # The job script requeued it from the host after srun returned (no scontrol in a container).
+    assert info["Restarts"] == "3", text[-3000:]
     assert f"the job script requeues the job ({run}/requeue.request)" in text
-    assert f"requeueing job {job}: the next start resumes from {run}/hpc_ckpt_1.ckpt" in text
-    assert not (run / "requeue.request").exists()
+    assert "Traceback" not in text.split("restart 3)")[-1], text[-3000:]
 
-    # Same run directory: the second life logged into it and finished the whole schedule (6 epochs x 9 steps of
-    # 2 ranks x 4 of the 72 images).
-    final = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-    assert final["global_step"] == 6 * 9 and final["epoch"] == 5
-    assert sorted(p.name for p in (run / "logs").iterdir()) == ["version_0", "version_1"]
-    assert not list(run.glob(".*partial")) and not list(run.glob("checkpoints/.*partial"))
-    assert not list(run.glob("hpc_ckpt_*.ckpt")), "a finished run keeps no requeue checkpoint (last.ckpt is newer)"
+    # The same run: every step trained once, on the batches of the uninterrupted job, to bit-identical weights and
+    # SGD momentum (2 ranks, gloo, loader workers, three interruptions).
+    a, b = final_state(out / f"imagenet_r152-{reference}"), final_state(run)
+    assert a["global_step"] == b["global_step"] == 20 * 9 and b["epoch"] == 19
+    assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
+    assert sorted(p.name for p in (run / "logs").iterdir()) == [f"version_{i}" for i in range(4)]
+    assert not list(run.glob("**/.*partial")) and not list(run.glob("hpc_ckpt_*.ckpt"))
+    assert not (run / "checkpoints/periodic.ckpt").exists(), "a finished run keeps no periodic checkpoint"
 
-    # One W&B run across both lives: two offline segments with the same id, the one in wandb_run_id.
+    # One W&B run across the four lives: four offline segments with the id in wandb_run_id.
     run_id = (run / "wandb_run_id").read_text().strip()
     segments = sorted((run / "wandb").glob("offline-run-*"))
-    assert len(segments) == 2, segments
+    assert len(segments) == 4, segments
     assert all(seg.name.endswith(f"-{run_id}") and (seg / f"run-{run_id}.wandb").stat().st_size > 0 for seg in segments)
     assert job in run_id
 
-    # The evaluation job waited through the requeue (afterok) and evaluated the checkpoint.
+    # The checkpoint evaluates (10-crop) in a job of its own.
+    evaluation = sbatch(cluster, job_env, *SBATCH_CPU, f"--output={tmp_path / 'eval.log'}", "slurm/eval_10crop.sh",
+                        str(run / "checkpoints" / "best.ckpt"), "10crop", *EVAL_CPU)
     wait_for(cluster, evaluation, {"COMPLETED"}, timeout=180)
     result = json.loads((run / "eval" / "10crop.json").read_text())
     assert result["protocol"] == "10crop" and result["images"] == 30, result

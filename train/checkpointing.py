@@ -365,5 +365,10 @@ class RequeueOnSignal(Callback):
         self._restore_handlers()
         if isinstance(exception, (Requeued, Preempted)) and trainer.is_global_zero:
             for logger in trainer.loggers:  # flush W&B now: the requeue stops the job within seconds
-                if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                    logger.experiment.finish()
+                if hasattr(logger, "finish"):  # WandbRunLogger: never raises (its service may be gone already)
+                    logger.finish()
+                elif isinstance(logger, WandbLogger) and logger._experiment is not None:
+                    try:
+                        logger.experiment.finish()
+                    except Exception as e:  # a dead W&B service must not hide the saved checkpoint
+                        rank_zero_warn(f"W&B: closing the run failed ({e})")

@@ -132,7 +132,7 @@ def bench_main(args: list[str]) -> None:
 
     args = underscore_options(args)
     commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval,
-                "node": node_report.bench_node}
+                "node": node_report.bench_node, "checkpoint": bench.bench_checkpoint}
     try:
         auto_cli(commands, args=args, as_positional=False)
     except (Requeued, Preempted) as saved:  # a benchmark's fit got the job's signal: stop the benchmark, not a row

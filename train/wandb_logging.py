@@ -112,8 +112,35 @@ class WandbRunLogger(WandbLogger):
         super().__init__(name=name, save_dir=save_dir, id=id, project=project, entity=entity, tags=tags, group=group,
                          notes=notes, offline=offline, log_model=log_model, job_type="train")
         self._wandb_init.pop("anonymous", None)  # deprecated in wandb: a warning in every run
+        self._broken: Optional[str] = None
         if offline and rank_zero_only.rank == 0:
             print(sync_hint(save_dir, id or "<id>"), file=sys.stderr)
+
+    def _guard(self, what: str, call) -> None:
+        """W&B never ends a training run: SLURM's SIGTERM (preemption, scancel) reaches W&B's service process too,
+        which dies at once while the ranks still save; a lost service then fails every later call. The first failure
+        is reported, later calls are skipped; the CSV logger keeps every metric."""
+        if self._broken is not None:
+            return
+        try:
+            call()
+        except Exception as e:  # whatever the service's failure looks like, training goes on
+            self._broken = f"{type(e).__name__}: {e}"
+            print(f"W&B: {what} failed ({self._broken}); W&B logging stops here, training continues "
+                  "(logs/version_N/metrics.csv has every metric)", file=sys.stderr, flush=True)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        self._guard("logging metrics", lambda: super(WandbRunLogger, self).log_metrics(metrics, step))
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self._guard("closing the run", lambda: super(WandbRunLogger, self).finalize(status))
+
+    def finish(self) -> None:
+        """Flush and close the run now (before a requeue stops the job), unless W&B already failed."""
+        if self._experiment is not None:
+            self._guard("closing the run", self._experiment.finish)
 
 
 def run_identity(root: Path, arch: str, run_id: Optional[str] = None, resumed: bool = True) -> tuple[str, str]:
