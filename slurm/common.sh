@@ -81,6 +81,14 @@ resnet_fit() {
         --data.root "$IMAGENET_DIR" --data.num_workers "${SLURM_CPUS_PER_TASK:-8}" "$@" \
         --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
         --trainer.default_root_dir "$run_dir" || rc=$?
+    if ((rc == 143)); then
+        # SIGTERM (preemption): the ranks saved and exited 143. SLURM requeues a preempted --requeue job only if it is
+        # still running when its GraceTime ends (one that ends by itself is marked FAILED), so wait to be stopped.
+        # Bounded: a SIGTERM from elsewhere (e.g. scancel) ends the job anyway.
+        echo "$(date -Is) SIGTERM: saved; waiting for SLURM to stop and requeue the job (at most 10 min)"
+        sleep 600 || true
+        exit 143
+    fi
     if [[ -f $RESNET_REQUEUE_FILE ]]; then
         echo "$(date -Is) requeueing job $(job_key): the next start resumes from $(cat "$RESNET_REQUEUE_FILE")"
         rm -f "$RESNET_REQUEUE_FILE"

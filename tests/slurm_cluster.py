@@ -115,7 +115,7 @@ class SlurmCluster:
                     "PreemptMode=REQUEUE",
                     "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF",
                     "PartitionName=preemptible Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE "
-                    "GraceTime=60",
+                    "GraceTime=20",
                     "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=3 PreemptMode=OFF",
                     "",
                 ]

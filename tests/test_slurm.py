@@ -145,8 +145,9 @@ def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(clu
     assert first.group(1) == resumed.group(1) == str(run / "hpc_ckpt_1.ckpt") and first.group(2) == resumed.group(2)
     assert resumed.group(3) == job and int(first.group(2)) > 0
 
-    # 2. Preemption: a job of the `urgent` partition needs the CPUs; SLURM sends SIGTERM (GraceTime 60 s), the ranks
-    # save and exit 143, SLURM requeues the job and starts it again once the urgent job is done.
+    # 2. Preemption: a job of the `urgent` partition needs the CPUs; SLURM sends SIGTERM (GraceTime 20 s), the ranks
+    # save and exit 143, the job script waits to be stopped, SLURM requeues the job and starts it again once the urgent
+    # job is done.
     urgent = sbatch(cluster, job_env, "--partition=urgent", "--ntasks=2", "--cpus-per-task=1", "--time=5",
                     f"--output={tmp_path / 'urgent.log'}", "--wrap", "sleep 2")
     preempted = wait_for_log(cluster, job, log, r"Signal SIGTERM: saved (\S+) at global step (\d+)")
