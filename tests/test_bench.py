@@ -151,3 +151,15 @@ def test_a_row_that_hangs_ends_the_command_within_its_limit():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and time.monotonic() - start < 50
     assert "Timeout" in proc.stderr and "time.sleep" not in proc.stdout and "<lambda>" in proc.stderr
+
+
+def test_bench_checkpoint_times_an_atomic_write_and_names_a_missing_folder(tmp_path):
+    from train.bench import bench_checkpoint
+
+    row = bench_checkpoint("resnet18", str(tmp_path), repeats=1, every_minutes=30)
+    # ResNet-18: 11.7 M parameters + SGD momentum in float32 (~94 MB) and the BatchNorm buffers.
+    assert 90 < row["megabytes"] < 100 and 0 < row["seconds"] < 60
+    assert row["share_of_interval"] == pytest.approx(row["seconds"] / 1800, rel=0.01)
+    assert list(tmp_path.iterdir()) == []  # written to a temporary folder inside, removed
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        bench_checkpoint("resnet18", str(tmp_path / "absent"))

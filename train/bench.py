@@ -404,6 +404,8 @@ def bench_checkpoint(arch: Arch = "resnet50", dst: Optional[str] = None, repeats
     """
     from train.checkpointing import AtomicCheckpointIO
 
+    if dst is not None and not Path(dst).is_dir():
+        raise FileNotFoundError(f"--dst {dst}: no such folder (the file system to time the writes on)")
     net = build_resnet(arch)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
     net(torch.randn(2, 3, 64, 64)).sum().backward()
@@ -420,6 +422,6 @@ def bench_checkpoint(arch: Arch = "resnet50", dst: Optional[str] = None, repeats
     seconds = sorted(times)[len(times) // 2]
     row = {"arch": arch, "megabytes": round(size / 1e6, 1), "seconds": round(seconds, 3),
            "share_of_interval": seconds / (60 * every_minutes), "where": dst or tempfile.gettempdir()}
-    console.print(f"{arch}: {row['megabytes']} MB checkpoint written in {seconds:.2f} s (median of {repeats}) to "
+    console().print(f"{arch}: {row['megabytes']} MB checkpoint written in {seconds:.2f} s (median of {repeats}) to "
                   f"{row['where']}: {100 * row['share_of_interval']:.4f} % of a {every_minutes:g}-minute interval")
     return row

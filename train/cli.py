@@ -138,6 +138,8 @@ def bench_main(args: list[str]) -> None:
     except (Requeued, Preempted) as saved:  # a benchmark's fit got the job's signal: stop the benchmark, not a row
         print(f"resnet bench: stopped by a job signal ({type(saved).__name__}: {saved})", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    except (ValueError, OSError) as e:  # bad input: name the cause, no traceback
+        exit_with_error("resnet bench", e)
 
 
 def ensemble_main(args: list[str]) -> None:
