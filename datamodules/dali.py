@@ -170,7 +170,10 @@ class DaliLoader:
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # A generator: the file list is drawn at the first next(), since Lightning calls iter() on the training
         # loader before sampler.set_epoch() in the first epoch (and after it in later ones).
-        pipe = self._pipeline(self.pass_samples())
+        samples = self.pass_samples()
+        if not samples:  # a resume with more ranks left less than a batch each of this epoch
+            return
+        pipe = self._pipeline(samples)
         # The reader's epoch is exactly this pass: PARTIAL trims the last validation batch (training passes
         # hold whole batches), instead of padding it with repeated or next-epoch samples.
         batches = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",

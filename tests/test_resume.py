@@ -25,7 +25,7 @@ from datamodules.folder import ImageFolderDataset, sample_seed
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.order import rank_order
 from tests.conftest import REPO, RESNET, tiny_fit_args
-from train.checkpointing import NOTHING_NEW, Requeued, hpc_checkpoints, newest_checkpoint, resume_path
+from train.checkpointing import NOTHING_NEW, REQUEUE_EXIT, Requeued, hpc_checkpoints, newest_checkpoint, resume_path
 from train.cli import build_cli
 
 SLURM_ONE_TASK = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "resume-test", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",
@@ -226,10 +226,11 @@ def test_crops_are_a_function_of_seed_epoch_and_index_not_of_the_workers(demo_ro
     assert torch.equal(torch.rand(1), before)
 
 
-@pytest.mark.parametrize("signal_name, code", [("SIGUSR1", 0), ("SIGTERM", 128 + signal.SIGTERM)])
+@pytest.mark.parametrize("signal_name, code", [("SIGUSR1", REQUEUE_EXIT), ("SIGTERM", 128 + signal.SIGTERM)])
 def test_a_signal_during_start_up_ends_the_job_cleanly(demo_root, tmp_path, signal_name, code):
     """SLURM's SIGUSR1 (time limit) or SIGTERM (preemption) while `resnet fit` still imports torch: no exit 138,
-    no traceback; SIGUSR1 asks the job script to requeue, SIGTERM exits 143 (SLURM requeues a preempted job)."""
+    no traceback; SIGUSR1 asks the job script to requeue (exit 75: srun ends any rank still waiting), SIGTERM exits
+    143 (SLURM requeues a preempted job)."""
     request = tmp_path / "requeue.request"
     env = {**os.environ, **SLURM_ONE_TASK, "RESNET_REQUEUE_FILE": str(request), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([RESNET, *tiny_fit_args(demo_root, tmp_path / "run")], cwd=REPO, env=env, text=True,

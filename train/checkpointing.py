@@ -28,6 +28,7 @@ from train.signals import (  # noqa: F401  (re-exported: the names callers and t
     REQUEUE_EXIT,
     Preempted,
     Requeued,
+    ignore_job_signals,
     in_slurm_job,
     is_startup_handler,
     requeue,
@@ -135,6 +136,8 @@ def resume_path(root: Path, ckpt_dir: Path, ckpt_path: Optional[str] = None) -> 
             raise FileNotFoundError(f"--ckpt_path last: nothing to resume in {root}: {describe_folder(root)}")
         return str(newest)
     restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+    if newest is None and resume_candidates(root, ckpt_dir):  # never a silent fresh start over a run
+        raise FileNotFoundError(f"{root}: nothing to resume: {describe_folder(root)}; move them away to start anew")
     if hpc_checkpoints(root) or restarted:
         return str(newest) if newest is not None else None
     if newest is not None or resume_candidates(root, ckpt_dir):
@@ -246,6 +249,7 @@ class RequeueOnSignal(Callback):
         self._deferred: Optional[tuple[bool, bool, bool]] = None  # agreed at an epoch's last batch: acted on at its end
         self._previous: dict[int, Any] = {}
         self._last_save = 0.0
+        self._world_size = 1
 
     def _install(self, signum: int, flag: int) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -254,21 +258,32 @@ class RequeueOnSignal(Callback):
         signal.signal(signum, functools.partial(self._on_signal, flag))
 
     def _on_signal(self, flag: int, signum: int, frame) -> None:
-        if self._active and self._training:
+        if self._active and (self._training or self._world_size > 1):
+            # Several ranks: never leave from inside a handler (a peer may be held in a collective); on_train_start
+            # agrees on the flags before the first step.
             self._flags[flag] = True
             return
-        if self._active:  # before the first step: nothing new to save, leave now (every rank gets the signal)
+        if self._active:  # one process, before the first step: nothing new to save, leave now
             raise (Preempted if flag == TERM else Requeued)(NOTHING_NEW)
         # After fit: Lightning's teardown after an exception re-installs the handlers it found (these). Act as the
         # handler from before fit would: the process must not become deaf to SIGTERM.
+        handler = self._after_fit(signum)
+        signal.signal(signum, handler)
+        if handler is signal.SIG_DFL:
+            signal.raise_signal(signum)
+
+    def _after_fit(self, signum: int):
+        """The handler once fit is over: the one from before fit, except the start-up one (train/signals.py), which
+        would report a signal after training as one before it: SIGTERM then terminates, SIGUSR1 is ignored."""
         previous = self._previous.get(signum)
-        signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        signal.raise_signal(signum)
+        if previous is None or is_startup_handler(previous):
+            return signal.SIG_DFL if signum == signal.SIGTERM else signal.SIG_IGN
+        return previous
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._active, self._training = True, False
+        self._active, self._training, self._world_size = True, False, trainer.world_size
         # Installed before the Trainer installs its handlers (which then leaves SIGUSR1 to this one), and before
         # any loader worker starts (datamodules ignore both signals in workers: the main process decides).
         if SLURMEnvironment.detect():  # SIGUSR1 means "requeue" only in a SLURM job
@@ -286,6 +301,11 @@ class RequeueOnSignal(Callback):
         self._install(signal.SIGTERM, TERM)
         trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
         self._agreed = AgreedFlags(trainer.world_size, self.lag_steps)
+        if trainer.world_size > 1:  # a signal during set-up: every rank leaves here, together (one collective each)
+            usr1 = trainer.strategy.reduce_boolean_decision(self._flags[USR1], all=False)
+            term = trainer.strategy.reduce_boolean_decision(self._flags[TERM], all=False)
+            if usr1 or term:
+                raise (Preempted if term else Requeued)(NOTHING_NEW)
         self._training, self._last_save = True, time.monotonic()
         if trainer.ckpt_path:
             restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
@@ -354,15 +374,17 @@ class RequeueOnSignal(Callback):
 
     def _restore_handlers(self) -> None:
         self._active = self._training = False
-        for signum, handler in self._previous.items():
-            if threading.current_thread() is threading.main_thread() and handler is not None:
-                signal.signal(signum, handler)
+        for signum in self._previous:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signum, self._after_fit(signum))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_handlers()  # after Lightning restored the ones it found (this callback's)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+        if isinstance(exception, (Requeued, Preempted)):
+            ignore_job_signals()  # a second signal must not cut the W&B flush or the exit short
         if isinstance(exception, (Requeued, Preempted)) and trainer.is_global_zero:
             for logger in trainer.loggers:  # flush W&B now: the requeue stops the job within seconds
                 if hasattr(logger, "finish"):  # WandbRunLogger: never raises (its service may be gone already)

@@ -30,7 +30,7 @@ from train.checkpointing import (
     close_process_group,
     resume_path,
 )
-from train.signals import end_on_job_signal
+from train.signals import end_on_job_signal, ignore_job_signals
 from train.wandb_logging import configure_wandb, log_ensemble, log_safely, run_dir_of, wanted
 
 
@@ -184,6 +184,7 @@ def main(args: Optional[list[str]] = None) -> None:
     try:
         build_cli(args)
     except (Requeued, Preempted) as saved:  # saved on a job signal (or nothing yet to save): this life ends here
+        ignore_job_signals()
         close_process_group()
         end_on_job_signal(saved)  # requeue (SIGUSR1) or exit 143 (SIGTERM: SLURM requeues a preempted job)
     close_process_group()

@@ -89,12 +89,26 @@ def requeue(checkpoint: str) -> None:
     print(f"Requeued SLURM job {job}: it resumes from {checkpoint}", flush=True)
 
 
+def ignore_job_signals() -> None:
+    """A second SIGTERM or SIGUSR1 (srun forwarding SLURM's, a time limit after a requeue request) must not cut the
+    save, the requeue request or the shutdown short."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def end_on_job_signal(exc: BaseException) -> None:
     """What every `resnet fit` process does after Requeued or Preempted reached the top: requeue (rank 0), then
-    exit 0 (requeued) or 143 (preempted: SLURM requeues a preempted `--requeue` job itself)."""
-    for signum in (signal.SIGTERM, signal.SIGUSR1):  # a second signal must not cut the requeue short
-        signal.signal(signum, signal.SIG_IGN)
+    exit 0 (requeued) or 143 (preempted: SLURM requeues a preempted `--requeue` job itself). A requeue before
+    training started is written by every rank (rank 0 may be the one held in a collective its peers left) and
+    exits REQUEUE_EXIT, so that `srun --kill-on-bad-exit` ends ranks still waiting in one; the job script requeues."""
+    ignore_job_signals()
     if isinstance(exc, Requeued):
+        if str(exc) == NOTHING_NEW and os.environ.get("RESNET_REQUEUE_FILE"):
+            Path(os.environ["RESNET_REQUEUE_FILE"]).write_text(NOTHING_NEW + "\n")
+            if int(os.environ.get("SLURM_PROCID", "0")) == 0:
+                print(f"Requeue ({NOTHING_NEW}): the job script requeues the job "
+                      f"({os.environ['RESNET_REQUEUE_FILE']})", flush=True)
+            sys.exit(REQUEUE_EXIT)
         requeue(str(exc))
         sys.exit(0)
     if int(os.environ.get("SLURM_PROCID", "0")) == 0:
