@@ -29,7 +29,6 @@ from train.signals import (  # noqa: F401  (re-exported: the names callers and t
     Preempted,
     Requeued,
     ignore_job_signals,
-    in_slurm_job,
     is_startup_handler,
     requeue,
     slurm_job_id,
