@@ -3,11 +3,18 @@
 
 Each pass over a loader (each `iter()`) builds a fresh pipeline over the exact file list of that pass: DALI ignores
 a reset mid-epoch, so an iterator that Lightning's sanity check or `limit_val_batches` left half-read would
-otherwise shorten the next pass. Building one is cheap next to an epoch (milliseconds on CPU)."""
+otherwise shorten the next pass. Building one is cheap next to an epoch (milliseconds on CPU).
+
+Training pipelines are built with DALI's pipeline checkpointing (the reader's position and every random generator's
+state, a few hundred bytes a rank): `pipeline_state()` goes into each checkpoint, and a resume with the same ranks
+and batch size rebuilds the interrupted pass's pipeline from it, so the rest of the epoch gets the very crops and
+flips the uninterrupted run would have drawn."""
 
 from __future__ import annotations
 
 from typing import Iterator, Literal, Optional
+
+import logging
 
 import numpy as np
 import torch
@@ -26,6 +33,8 @@ except ImportError as e:  # an optional extra: say how to get it
 from datamodules.imagenet import LoaderSpec, equal_count_batch_size
 from datamodules.order import EpochOrder, TrainPosition
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
 
 Device = Literal["cpu", "gpu"]
 # Normalisation on the 0-255 scale: the same values as `normalize_batch` gives for uint8 input.
@@ -144,6 +153,10 @@ class DaliLoader:
         if n < world or self.num_batches == 0:
             raise ValueError(f"{n} images over {world} ranks: {what}, fewer than one batch of {self.batch_size}")
         self._open: Optional[Iterator] = None
+        self._iterator: Optional[DALIGenericIterator] = None  # the open training pass's, for its checkpoint
+        self._list_start = 0  # the global sample the open training pipeline's file list starts at
+        self._handed = 0  # batches the open training pipeline has handed out (from its list's start)
+        self._restore: Optional[dict] = None  # a saved pipeline_state() for the next pass of its epoch
 
     def __len__(self) -> int:
         return self.num_batches
@@ -153,9 +166,31 @@ class DaliLoader:
         position when there is one; whole batches only)."""
         if not self.train:
             return self.spec.samples[self.spec.rank::self.spec.world_size]
-        return [self.spec.samples[i] for i in self.sampler.begin_pass()]
+        return [self.spec.samples[i] for i in self._pass_indices()[0]]
 
-    def _pipeline(self, samples: list[tuple[str, int]]) -> Pipeline:
+    def _pass_indices(self) -> tuple[np.ndarray, Optional[str]]:
+        """Begins a training pass: the indices its pipeline reads and the DALI checkpoint to build it from, if the
+        saved state is of this pass. Restored, the file list is the interrupted pipeline's (from its own start) and
+        the checkpoint moves its reader to where that pipeline stopped, which is where this pass starts."""
+        indices = self.sampler.begin_pass()
+        saved, self._restore = self._restore, None
+        self._list_start, self._handed = self.sampler.pass_start, 0
+        if saved is None or saved["epoch"] != self.sampler.pass_epoch or not indices.size:
+            if saved is not None and saved["epoch"] > self.sampler.pass_epoch:
+                self._restore = saved  # not this pass yet
+            return indices, None
+        same_world = (saved["world_size"], saved["batch_size"]) == (self.spec.world_size, self.batch_size)
+        listed = self.sampler.indices(saved["epoch"], saved["list_start"]) if same_world else indices[:0]
+        skipped = saved["batches"] * self.batch_size  # where the checkpoint leaves the reader
+        if not same_world or len(listed) - len(indices) != skipped or not np.array_equal(listed[skipped:], indices):
+            log.warning("DALI: the saved pipeline state (epoch %d, %d ranks x %d) is not of this pass: the rest of "
+                        "epoch %d draws new crops", saved["epoch"], saved["world_size"], saved["batch_size"],
+                        self.sampler.pass_epoch)
+            return indices, None
+        self._list_start, self._handed = saved["list_start"], saved["batches"]
+        return listed, saved["checkpoint"]
+
+    def _pipeline(self, samples: list[tuple[str, int]], checkpoint: Optional[str] = None) -> Pipeline:
         spec = self.spec
         epoch = self.sampler.pass_epoch if self.train else 0
         # Augmentation differs per rank and epoch; the shard split above depends on (seed, epoch) alone.
@@ -164,31 +199,54 @@ class DaliLoader:
             [p for p, _ in samples], [label for _, label in samples], train=self.train, device=self.device,
             crop=spec.crop_size, resize=spec.val_resize_size, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
             hflip=spec.hflip, batch_size=self.batch_size, num_threads=max(1, spec.num_workers),
-            device_id=self.device_id, seed=seed,
+            device_id=self.device_id, seed=seed, enable_checkpointing=self.train, checkpoint=checkpoint,
         )
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # A generator: the file list is drawn at the first next(), since Lightning calls iter() on the training
         # loader before sampler.set_epoch() in the first epoch (and after it in later ones).
-        samples = self.pass_samples()
-        if not samples:  # a resume with more ranks left less than a batch each of this epoch
-            return
-        pipe = self._pipeline(samples)
+        if self.train:
+            indices, checkpoint = self._pass_indices()
+            samples = [self.spec.samples[i] for i in indices]
+        else:
+            samples, checkpoint = self.pass_samples(), None
+        if not samples:
+            return  # a resume with more ranks left less than a batch each of this epoch
+        pipe = self._pipeline(samples, checkpoint)
         # The reader's epoch is exactly this pass: PARTIAL trims the last validation batch (training passes
         # hold whole batches), instead of padding it with repeated or next-epoch samples.
         batches = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+        self._iterator = batches if self.train else None
         try:
             for (out,) in batches:
                 if self.train:
                     self.sampler.batches_read()
+                    self._handed += 1
                 yield out["images"].permute(0, 3, 1, 2), out["labels"].reshape(-1).long()
         finally:
+            self._iterator = None
             del batches, pipe  # free the pipeline's threads and buffers now, not at garbage collection
+
+    def pipeline_state(self) -> Optional[dict]:
+        """The open training pass's DALI checkpoint (reader position and random generators' states, as a string)
+        with what it belongs to: {epoch, list_start (the global sample its file list starts at), batches (handed out
+        from there), world_size, batch_size, checkpoint}; None between passes."""
+        if self._iterator is None:
+            return None
+        return {"epoch": self.sampler.pass_epoch, "list_start": self._list_start, "batches": self._handed,
+                "world_size": self.spec.world_size,
+                "batch_size": self.batch_size, "checkpoint": self._iterator.checkpoints()[0]}
+
+    def restore_pipeline(self, state: Optional[dict]) -> None:
+        """The next training pass of `state["epoch"]` is rebuilt from this `pipeline_state()` (ignored, with a
+        warning, where the ranks, batch size or position differ)."""
+        self._restore = state if self.train else None
 
     def state_dict(self) -> dict:
         """Training: the position in the epoch (`TrainPosition`); a resumed loader reads the same samples in the same
-        order as the uninterrupted one (its crops are drawn anew from the resume on)."""
+        order as the uninterrupted one. (The crops' state is `pipeline_state()`, one per rank: the DataModule
+        gathers them into the checkpoint.)"""
         return self.sampler.position().as_dict() if self.train else {}
 
     def load_state_dict(self, state: dict) -> None:

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.order import EpochOrder, TrainPosition
@@ -102,6 +103,15 @@ def equal_count_batch_size(num_samples: int, world_size: int, batch_size: int) -
         if math.ceil(small / b) == math.ceil(large / b):
             return b
     return 1
+
+
+def _gather_objects(obj, rank: int) -> dict[int, object]:
+    """{rank: obj} of every rank (a collective: all ranks call it), or {rank: obj} without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {rank: obj}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return dict(enumerate(gathered))
 
 
 @dataclass
@@ -227,6 +237,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.val_set: Optional[ImageFolderDataset] = None
         self.train_order: Optional[EpochOrder] = None  # made with the training loader
         self._resume_position: Optional[TrainPosition] = None  # from a checkpoint, until the loader exists
+        self._dali_train = None  # the DALI training loader: its pipeline state goes into checkpoints
+        self._resume_pipelines: dict = {}  # rank -> a DALI training pipeline state, from a checkpoint
 
     @property
     def num_classes(self) -> int:
@@ -318,7 +330,11 @@ class ImageNetDataModule(pl.LightningDataModule):
             from datamodules import dali  # imported only when chosen: DALI is a large optional install
 
             device = hp.dali_device if hp.dali_device != "auto" else ("gpu" if spec.device.type == "cuda" else "cpu")
-            return (dali.train_loader if split == "train" else dali.val_loader)(spec, device=device)
+            if split != "train":
+                return dali.val_loader(spec, device=device)
+            self._dali_train = dali.train_loader(spec, device=device)
+            self._dali_train.restore_pipeline(self._resume_pipelines.get(spec.rank))
+            return self._dali_train
         from datamodules import ffcv
 
         beton = Path(hp.ffcv_dir or self.root / "ffcv") / f"{split}.beton"
@@ -347,10 +363,16 @@ class ImageNetDataModule(pl.LightningDataModule):
         position = self.train_order.position() if self.train_order is not None else self._resume_position
         if position is not None:
             state["train_position"] = position.as_dict()
+        if self._dali_train is not None:  # every rank's pipeline state: Lightning writes rank 0's checkpoint only
+            pipelines = _gather_objects(self._dali_train.pipeline_state(), self._world()[0])
+            state["dali_pipelines"] = {rank: p for rank, p in pipelines.items() if p is not None}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_position = TrainPosition.from_dict(state_dict.get("train_position"))
+        self._resume_pipelines = state_dict.get("dali_pipelines") or {}
+        if self._dali_train is not None:
+            self._dali_train.restore_pipeline(self._resume_pipelines.get(self._world()[0]))
         if self.train_order is not None:  # the loader exists already: its next pass of that epoch starts there
             self.train_order.resume_at(self._resume_position)
         saved = state_dict.get("classes")

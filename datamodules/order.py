@@ -116,8 +116,14 @@ class EpochOrder:
                             position.batch_size)
         elif position is not None and position.epoch > self.epoch:
             self._resume = position  # not this pass yet (e.g. a sanity pass)
-        order = rank_order(self.num_samples, self.seed, self.epoch, self.rank, self.world_size, start, old_world)
         self._pass_epoch, self._pass_start, self._read = self.epoch, start, 0
+        return self.indices(self.epoch, start, old_world)
+
+    def indices(self, epoch: int, start: int = 0, start_world_size: Optional[int] = None) -> np.ndarray:
+        """This rank's indices of `epoch` from global sample `start` (dealt by `start_world_size` ranks before it),
+        whole batches only: int64 (k * batch_size,)."""
+        order = rank_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, start,
+                           start_world_size or self.world_size)
         batches = min(len(order) // self.batch_size, self.batches_per_epoch)
         return order[: batches * self.batch_size]
 
@@ -125,6 +131,11 @@ class EpochOrder:
     def pass_epoch(self) -> int:
         """The epoch of the pass being read."""
         return self._pass_epoch
+
+    @property
+    def pass_start(self) -> int:
+        """The global sample the pass being read started at (0, or a resume position)."""
+        return self._pass_start
 
     def batches_read(self, count: int = 1) -> None:
         self._read += count

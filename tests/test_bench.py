@@ -154,7 +154,7 @@ def test_a_row_that_hangs_ends_the_command_within_its_limit():
 
 
 def test_bench_checkpoint_times_an_atomic_write_and_names_a_missing_folder(tmp_path):
-    from train.bench import bench_checkpoint
+    from train.bench_checkpoint import bench_checkpoint
 
     row = bench_checkpoint("resnet18", str(tmp_path), repeats=1, every_minutes=30)
     # ResNet-18: 11.7 M parameters + SGD momentum in float32 (~94 MB) and the BatchNorm buffers.

@@ -157,6 +157,63 @@ def test_two_ranks_train_on_disjoint_equal_shards_in_a_new_order_each_epoch(demo
     assert torch.cat([y for _, y in batches]).tolist() == orders[1, 1]  # seeded: a restart sees the same order
 
 
+class _Rank:
+    """The trainer attributes a DataModule reads: `rank` of 2 on the CPU."""
+
+    def __init__(self, rank: int):
+        self.global_rank, self.world_size = rank, 2
+        self.strategy = type("S", (), {"root_device": torch.device("cpu")})()
+
+
+def _datamodule(root: str, rank: int, state: dict | None = None):
+    from datamodules.imagenet import ImageNetDataModule
+
+    dm = ImageNetDataModule(root, batch_size=16, num_workers=1, crop_size=32, val_resize_size=36, backend="dali",
+                            dali_device="cpu")
+    dm.trainer = _Rank(rank)
+    dm.setup("fit")
+    if state:
+        dm.load_state_dict(state)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    return dm, loader
+
+
+def _rank_reads_and_checkpoints(rank: int, root: str, port: int, out: str) -> None:
+    """One of two gloo ranks: 2 batches of epoch 1, a checkpoint's DataModule state (a collective, as in
+    Trainer.save_checkpoint), then the rest of the epoch as the uninterrupted run reads it."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dm, loader = _datamodule(root, rank)
+    batches = iter(loader)
+    [next(batches) for _ in range(2)]
+    state = dm.state_dict()
+    rest = [(x.clone(), y.clone()) for x, y in batches]
+    torch.save({"state": state, "rest": rest}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_resume_their_own_crops_from_rank_0s_checkpoint(demo_root, tmp_path):
+    """Lightning writes rank 0's checkpoint only: every rank's DALI pipeline state must be in it."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_reads_and_checkpoints, args=(str(demo_root), port, str(tmp_path)), nprocs=2)
+    saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    checkpoint = saved[0]["state"]  # what the file holds
+    assert sorted(checkpoint["dali_pipelines"]) == [0, 1]
+    assert checkpoint["train_position"] == {"epoch": 1, "samples": 32, "world_size": 2, "batch_size": 8}
+    for rank in (0, 1):
+        _, loader = _datamodule(str(demo_root), rank, checkpoint)
+        rest = list(loader)
+        uninterrupted = saved[rank]["rest"]
+        assert len(rest) == len(uninterrupted) == 2  # 36 images a rank: 4 batches of 8
+        assert all(torch.equal(y, y0) and torch.equal(x, x0) for (x, y), (x0, y0) in zip(rest, uninterrupted))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_gpu_without_cuda_names_the_setting(demo_root):
     with pytest.raises(ValueError, match="data.dali_device=gpu needs a CUDA GPU"):

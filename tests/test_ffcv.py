@@ -20,7 +20,8 @@ from ffcv.reader import Reader  # noqa: E402
 from torchvision.io import decode_jpeg  # noqa: E402
 
 from datamodules.demo import write_demo_dataset  # noqa: E402
-from datamodules.ffcv import _resize_center_crop, check_beton, prepare_ffcv, train_loader, val_loader  # noqa: E402
+from datamodules.ffcv import _resize_center_crop, train_loader, val_loader  # noqa: E402
+from datamodules.ffcv_write import check_beton, prepare_ffcv  # noqa: E402
 from datamodules.folder import DatasetLayoutError, decode, find_classes, scan_split  # noqa: E402
 from datamodules.imagenet import LoaderSpec  # noqa: E402
 from datamodules.transforms import val_transform  # noqa: E402

@@ -28,7 +28,7 @@ import torch
 pytest.importorskip("nvidia.dali", reason="the DALI extra is not installed: pip install -e .[dali]")
 pytest.importorskip("ffcv", reason="the ffcv extra is not installed: pip install -e .[ffcv]")
 
-from datamodules import dali, ffcv  # noqa: E402
+from datamodules import dali, ffcv, ffcv_write  # noqa: E402
 from datamodules.demo import write_demo_dataset  # noqa: E402
 from datamodules.folder import decode, find_classes, scan_split  # noqa: E402
 from datamodules.imagenet import ImageNetDataModule, LoaderSpec  # noqa: E402
@@ -192,7 +192,7 @@ def test_dali_memory_stays_flat_over_20_pipeline_rebuilds(demo_root, device, req
 @pytest.fixture(scope="module")
 def ffcv_dir(demo_root, tmp_path_factory) -> Path:
     """Raw (uncompressed) train.beton and val.beton of the small demo set: stored pixels are the sources' exactly."""
-    return ffcv.prepare_ffcv(str(demo_root), str(tmp_path_factory.mktemp("ffcv")), compress_probability=0, workers=2)
+    return ffcv_write.prepare_ffcv(str(demo_root), str(tmp_path_factory.mktemp("ffcv")), compress_probability=0, workers=2)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +317,7 @@ def test_short_gpu_fit_learns_and_counts_every_val_image(demo240, backend, tmp_p
     # cores, too slow to repeat here), on the GPU: nvJPEG + GPU augmentation, or FFCV with ToDevice. The sanity check
     # leaves a validation pass half read, as on the CPU.
     if backend == "ffcv":
-        ffcv.prepare_ffcv(str(demo240), compress_probability=0.5)  # <root>/ffcv, the DataModule's default
+        ffcv_write.prepare_ffcv(str(demo240), compress_probability=0.5)  # <root>/ffcv, the DataModule's default
     run_dir = tmp_path / "run"
     extra = ["--data.dali_device", "gpu"] if backend == "dali" else ["--data.num_workers", "1"]
     run_resnet(*tiny_fit_args(

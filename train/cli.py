@@ -115,7 +115,7 @@ def prepare_main(args: list[str]) -> None:
 
         commands["imagenet"] = prepare_imagenet
         try:
-            from datamodules.ffcv import prepare_ffcv
+            from datamodules.ffcv_write import prepare_ffcv
 
             commands["ffcv"] = prepare_ffcv
         except ImportError:  # the optional ffcv extra is not installed: the other subcommands still work
@@ -127,11 +127,11 @@ def prepare_main(args: list[str]) -> None:
 
 
 def bench_main(args: list[str]) -> None:
-    from train import bench, node_report  # only this command needs them
+    from train import bench, bench_checkpoint, node_report  # only this command needs them
 
     args = underscore_options(args)
     commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval,
-                "node": node_report.bench_node, "checkpoint": bench.bench_checkpoint}
+                "node": node_report.bench_node, "checkpoint": bench_checkpoint.bench_checkpoint}
     try:
         auto_cli(commands, args=args, as_positional=False)
     except (Requeued, Preempted) as saved:  # a benchmark's fit got the job's signal: stop the benchmark, not a row
