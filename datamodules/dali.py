@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Iterator, Literal, Optional
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ except ImportError as e:  # an optional extra: say how to get it
         "(or nvidia-dali-cuda120 for CUDA 12 drivers), or use data.backend=torchvision"
     ) from e
 
+from datamodules.folder import CorruptImageError, decode
 from datamodules.imagenet import LoaderSpec, equal_count_batch_size
 from datamodules.order import EpochOrder, TrainPosition
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -218,8 +220,16 @@ class DaliLoader:
         batches = DALIGenericIterator(pipe, ["images", "labels"], reader_name="Reader",
                                       last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
         self._iterator = batches if self.train else None
+        handed = 0
         try:
-            for (out,) in batches:
+            while True:
+                try:
+                    (out,) = next(batches)
+                except StopIteration:
+                    return
+                except RuntimeError as e:  # DALI cannot skip a file, and its error may name none
+                    raise _unreadable(samples, handed * self.batch_size, self.batch_size, e) from None
+                handed += 1
                 if self.train:
                     self.sampler.batches_read()
                     self._handed += 1
@@ -258,6 +268,27 @@ class DaliLoader:
             self._open.close()  # a pass left half-read (sanity check, limit_*_batches) ends here
         self._open = self._batches()
         return self._open
+
+
+def _unreadable(samples: list[tuple[str, int]], start: int, batch_size: int, error: Exception) -> CorruptImageError:
+    """The error for a pipeline that failed after `start` samples: the files of the batches DALI may have been
+    preparing (its prefetch queue holds 2), each decoded by the torchvision backend's reader to name the bad ones."""
+    window = [path for path, _ in samples[start : start + 4 * batch_size]]
+    bad = []
+    for path in window:
+        try:
+            decode(path)
+        except (CorruptImageError, OSError, RuntimeError) as e:
+            bad.append(str(e))
+    reason = str(error).strip().splitlines()
+    where = "; ".join(bad) if bad else (
+        f"one of the {len(window)} files from {window[0]} on (each decodes elsewhere; DALI: "
+        f"{next((line for line in reversed(reason) if line.strip()), 'no message')[:300]})" if window else "unknown")
+    root = Path(samples[0][0]).parents[2] if samples else "<data root>"  # samples are <root>/<split>/<wnid>/<file>
+    return CorruptImageError(
+        f"DALI could not read {where}. DALI cannot skip a file at run time: `resnet prepare check --root {root}` "
+        f"writes a manifest that leaves unreadable files out (or use data.backend=torchvision, which skips them)"
+    )
 
 
 def train_loader(spec: LoaderSpec, device: Device = "cpu") -> DaliLoader:

@@ -98,7 +98,7 @@ class EvalDataModule(pl.LightningDataModule):
             samples = scan_split(split_dir, class_to_idx)
         except DatasetLayoutError as e:
             raise DatasetLayoutError(f"{e} (the model predicts {len(self.classes)} classes: {self.classes[:3]}...)") from None
-        self.dataset = ImageFolderDataset(samples, self.views)  # max_corrupt 0: an evaluation never skips an image
+        self.dataset = ImageFolderDataset(samples, self.views)  # no `skipped`: an evaluation never skips an image
         per_device_batch_size(self.batch_size, trainer_world(self.trainer)[1])  # fail before any work
 
     def test_dataloader(self) -> DataLoader:

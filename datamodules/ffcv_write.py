@@ -5,23 +5,37 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import tempfile
+import time
+from multiprocessing import Process, Queue
+from multiprocessing.sharedctypes import RawArray
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 
-from datamodules.folder import DatasetLayoutError, decode, find_classes, scan_split
+from datamodules.folder import DatasetLayoutError, decode
+from datamodules.samples import load_samples
 from datamodules.imagenet import usable_cpus
 
 _TORCH_THREADS = torch.get_num_threads()  # importing FFCV (ffcv.pipeline.compiler) sets torch to one CPU thread
 from ffcv.fields import IntField, RGBImageField  # noqa: E402
+from ffcv.memory_allocator import MemoryAllocator  # noqa: E402
 from ffcv.reader import Reader  # noqa: E402
-from ffcv.writer import DatasetWriter  # noqa: E402
+from ffcv.types import ALLOC_TABLE_TYPE  # noqa: E402
+from ffcv.utils import chunks  # noqa: E402
+from ffcv.writer import MAX_PAGE_SIZE, MIN_PAGE_SIZE, DatasetWriter, handle_sample  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 torch.set_num_threads(_TORCH_THREADS)
 
 META = "classes.json"  # beside the .beton files: the class list their labels index, and how each was written
+DEFAULT_PAGE = 4 * MIN_PAGE_SIZE  # DatasetWriter's default, 8 MiB: a raw image of up to 1672x1672 fits
+# No image finished in any writer process for this long: a hung read (a dead network mount), not a slow image (the
+# largest ImageNet images decode and shrink in well under a second).
+STALL_S = 600.0
 
 
 def allocated_cpus() -> int:
@@ -34,8 +48,8 @@ def allocated_cpus() -> int:
 class _Images:
     """(HWC uint8 RGB, label) pairs for DatasetWriter, decoded as the torchvision backend decodes them (PNG, CMYK)."""
 
-    def __init__(self, samples: list[tuple[str, int]], errors: Path):
-        self.samples, self.errors = samples, errors
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -43,13 +57,7 @@ class _Images:
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         np.random.seed(index)  # RGBImageField's 'proportion' draw: the same images compressed on every run
         path, label = self.samples[index]
-        try:
-            image = decode(path).permute(1, 2, 0).numpy()
-        except Exception as e:  # a raising writer process leaves DatasetWriter waiting forever: record, fail after
-            with open(self.errors, "a") as f:
-                f.write(f"{e}\n" if path in str(e) else f"{path}: {e}\n")
-            image = np.zeros((1, 1, 3), np.uint8)
-        return np.ascontiguousarray(image), label
+        return np.ascontiguousarray(decode(path).permute(1, 2, 0).numpy()), label
 
 
 def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
@@ -89,6 +97,7 @@ def prepare_ffcv(
     workers: Optional[int] = None,
     splits: Sequence[Literal["train", "val"]] = ("train", "val"),
     overwrite: bool = False,
+    manifest: Optional[str] = None,
 ) -> Path:
     """Write `train.beton` and `val.beton` for `data.backend: ffcv` from the ImageNet folder layout.
 
@@ -102,14 +111,20 @@ def prepare_ffcv(
         workers: writer processes; None = the CPUs allocated to this job (SLURM, else CPU affinity).
         splits: which files to write, e.g. `--splits '[val]'`.
         overwrite: rewrite existing files (else a complete file is kept).
+        manifest: the manifest of `resnet prepare check` (None = the valid one in its default places, if any):
+            its usable images are written, the unreadable ones left out, as the DataModule reads them.
     """
     src, out = Path(root), Path(dst) if dst else Path(root) / "ffcv"
-    classes = find_classes(src / "train" if (src / "train").is_dir() else src / "val")  # labels as the DataModule's
-    class_to_idx = {c: i for i, c in enumerate(classes)}
+    # The samples and labels the DataModule reads: from the manifest, else the folders (hidden files never).
+    found = load_samples(src, splits, "train" if (src / "train").is_dir() else "val", manifest)
+    classes = found.classes
+    for split, bad in found.left_out.items():
+        if bad:
+            print(f"{split}: {len(bad)} unreadable images left out ({found.source})", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     meta = json.loads((out / META).read_text()) if (out / META).is_file() else {}
     for split in splits:
-        samples, beton = scan_split(src / split, class_to_idx), out / f"{split}.beton"
+        samples, beton = found.splits[split], out / f"{split}.beton"
         if beton.is_file() and not overwrite:
             check_beton(beton, samples)  # kept only while it matches the folder (and the classes.json beside it)
             print(f"{beton}: kept ({len(samples)} images; --overwrite to rewrite it)", flush=True)
@@ -125,16 +140,24 @@ def prepare_ffcv(
 
 
 def _write_split(samples: list[tuple[str, int]], beton: Path, settings: dict, workers: int) -> None:
-    """One .beton, written under `.partial` and renamed when complete: never a truncated file under its name."""
+    """One .beton, written under `.partial` and renamed when complete: never a truncated file under its name.
+
+    Raises:
+        DatasetLayoutError: images that could not be stored (undecodable, too large for a page), each by path.
+        ChildProcessError: a writer process died (killed, out of memory) or made no progress for `STALL_S`.
+    """
     partial, errors = beton.with_name(beton.name + ".partial"), beton.with_name(beton.name + ".errors")
     errors.unlink(missing_ok=True)
+    page = _page_size(settings["max_resolution"])
+    if page > DEFAULT_PAGE:  # the loaders' os_cache=False mode holds pages of this size in memory
+        print(f"{beton}: {page >> 20} MiB pages, to hold raw images of {settings['max_resolution']} pixels a side",
+              flush=True)
     image = RGBImageField("proportion", settings["max_resolution"], jpeg_quality=settings["jpeg_quality"],
                           compress_probability=settings["compress_probability"])
     try:
-        fields = {"image": image, "label": IntField()}
-        writer = DatasetWriter(str(partial), fields, num_workers=min(workers, len(samples)))
+        writer = _Writer(str(partial), {"image": image, "label": IntField()}, page, min(workers, len(samples)))
         # Chunks small enough to give every process work on small sets; 100 (FFCV's default) on ImageNet.
-        writer.from_indexed_dataset(_Images(samples, errors), chunksize=max(1, min(100, len(samples) // workers)))
+        writer.write(_Images(samples), max(1, min(100, len(samples) // workers)), errors, beton)
         if errors.is_file():
             bad = errors.read_text().splitlines()
             raise DatasetLayoutError(f"{beton}: not written, {len(bad)} of {len(samples)} images unreadable:\n  "
@@ -143,3 +166,110 @@ def _write_split(samples: list[tuple[str, int]], beton: Path, settings: dict, wo
     finally:
         partial.unlink(missing_ok=True)
         errors.unlink(missing_ok=True)
+
+
+def _page_size(max_resolution: int) -> int:
+    """The smallest FFCV page (a power of two, from the default 8 MiB) that holds a raw max_resolution² image: in
+    a smaller one such an image fails in its writer process. Capped at FFCV's largest, 2 GiB (max_resolution 26754):
+    an image still larger is named in the DatasetLayoutError."""
+    raw = 3 * max_resolution**2
+    return min(max(DEFAULT_PAGE, 1 << (raw - 1).bit_length()), MAX_PAGE_SIZE // 2)
+
+
+class _Writer(DatasetWriter):
+    """FFCV's DatasetWriter with supervised processes. FFCV's own `from_indexed_dataset` waits for a count of written
+    images that a raising or killed process never reaches (and its other processes spin forever waiting to write
+    after the page the dead one booked): it hangs on any failure. Here each image's failure is recorded under its
+    path, and the parent watches its processes' exit codes and progress, ending them all on a failure."""
+
+    def write(self, dataset: _Images, chunksize: int, errors: Path, beton: Path) -> None:
+        """Write `dataset` into `self.fname`; image failures go to `errors`, one line each, `beton` names the file
+        in errors (ChildProcessError, see `_write_split`)."""
+        self.num_samples = len(dataset)
+        self.prepare()  # FFCV's: the header and fields into the file, the metadata's shared memory
+        work: Queue = Queue()
+        processes: list[Process] = []
+        try:
+            for chunk in chunks(list(enumerate(range(len(dataset)))), chunksize):
+                work.put(chunk)
+            for _ in range(self.num_workers):
+                work.put(None)
+            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+            # One slot per process, written by it alone: no lock for a killed process to die holding.
+            in_flight, done = RawArray("q", [-1] * self.num_workers), RawArray("q", self.num_workers)
+            with tempfile.TemporaryDirectory(prefix="ffcv-write-") as tables:
+                args = (in_flight, done, str(errors), tables, work, self.metadata_sm, self.metadata_type, self.fields,
+                        allocator, dataset)
+                processes = [Process(target=_write_chunks, args=(slot, *args)) for slot in range(self.num_workers)]
+                for process in processes:
+                    process.start()
+                _supervise(processes, in_flight, done, dataset, beton)
+                # Each allocation table read from a file once its process has exited: never a wait on a queue
+                # that a killed process left half-written.
+                allocations = [row for slot in range(self.num_workers)
+                               for row in np.load(os.path.join(tables, f"{slot}.npy")).tolist()]
+            self.finalize(allocations)  # FFCV's: the metadata, the allocation table and the header into the file
+        finally:
+            for process in processes:
+                if process.is_alive():
+                    process.kill()
+                process.join(timeout=10)
+            work.cancel_join_thread()  # chunks no process will read: not fed into the pipe at exit
+            work.close()
+            self.metadata_sm.close()
+            self.metadata_sm.unlink()
+
+
+def _write_chunks(slot: int, in_flight, done, errors: str, tables: str, work: Queue, metadata_sm, metadata_type,
+                  fields: dict, allocator: MemoryAllocator, dataset: _Images) -> None:
+    """One writer process: FFCV's `worker_job_indexed_dataset`, plus the image in hand and the count done in its
+    slots, each image's failure recorded under its path (then the next image: the file is deleted after the
+    write), and the allocation table saved to `tables/<slot>.npy`."""
+    metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
+    with allocator:  # its exit writes this process's last page into the file
+        for chunk in iter(work.get, None):
+            for dest_ix, source_ix in chunk:
+                in_flight[slot] = source_ix
+                try:
+                    handle_sample(dataset[source_ix], dest_ix, metadata_type.names, metadata, allocator, fields)
+                except Exception as e:  # decode, encode or a page too small: FFCV would leave its writer waiting
+                    path = dataset.samples[source_ix][0]
+                    with open(errors, "a") as f:
+                        f.write(f"{e}\n" if path in str(e) else f"{path}: {type(e).__name__}: {e}\n")
+                done[slot], in_flight[slot] = done[slot] + 1, -1  # -1 while between images or writing its page
+    np.save(os.path.join(tables, f"{slot}.npy"), np.array(allocator.allocations, dtype=ALLOC_TABLE_TYPE))
+
+
+def _supervise(processes: list[Process], in_flight, done, dataset: _Images, beton: Path) -> None:
+    """Return once every writer process has exited cleanly; else end (raise ChildProcessError, naming the images
+    in hand) when one exits with an error or a signal, or when no image is finished for `STALL_S` seconds."""
+    progress = tqdm(total=len(dataset))
+    count, since = 0, time.monotonic()
+    try:
+        while True:
+            for slot, process in enumerate(processes):
+                if process.exitcode not in (None, 0):
+                    code = process.exitcode
+                    how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"
+                    why = " (out of memory? `dmesg` says; fewer --workers need less)" if code < 0 else \
+                        " (its traceback, if any, is printed above)"
+                    raise ChildProcessError(f"{beton}: not written: writer process {process.pid} {how} while "
+                                            f"writing {_in_hand([in_flight[slot]], dataset)}{why}")
+            if all(process.exitcode == 0 for process in processes):
+                return
+            now = sum(done)
+            if now != count:
+                progress.update(now - count)
+                count, since = now, time.monotonic()
+            elif time.monotonic() - since > STALL_S:
+                raise ChildProcessError(f"{beton}: not written: no image finished in {STALL_S:.0f} s, writing "
+                                        f"{_in_hand(in_flight, dataset)} (a hung read? the files readable?)")
+            time.sleep(0.1)
+    finally:
+        progress.close()
+
+
+def _in_hand(in_flight, dataset: _Images) -> str:
+    """The paths of the images writer processes hold, by their `in_flight` slots (-1: none)."""
+    paths = [dataset.samples[i][0] for i in in_flight if i >= 0]
+    return ", ".join(paths) if paths else "no image (starting or finishing)"

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +18,11 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from datamodules.order import EpochOrder, TrainPosition
-from datamodules.folder import DatasetLayoutError, ImageFolderDataset, find_classes, scan_split
+from datamodules.folder import DatasetLayoutError, ImageFolderDataset, SkippedImages, TrainLoader
+from datamodules.samples import load_samples
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, train_transform, val_transform
 
 log = logging.getLogger(__name__)
@@ -135,50 +137,6 @@ class LoaderSpec:
     order: Optional[EpochOrder] = None  # training: this rank's order and resume position (set_epoch goes to it)
 
 
-class _OrderBatches(Sampler[list[tuple[int, int]]]):
-    """Batches of (index, epoch) keys of one pass over an EpochOrder; `sampler` is where Lightning's
-    `_set_sampler_epoch` finds `set_epoch` (it looks at `loader.batch_sampler.sampler`)."""
-
-    def __init__(self, order: EpochOrder):
-        self.order = self.sampler = order
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        # A generator: the pass begins at the first batch drawn (a DataLoader iterator calls iter() on its batch
-        # sampler twice as it starts, and the first one is never read).
-        yield from self.order.batches(self.order.begin_pass())
-
-    def __len__(self) -> int:
-        return self.order.batches_per_epoch
-
-
-class TrainLoader(DataLoader):
-    """The torchvision backend's training DataLoader, resumable mid-epoch:
-    - a pass starts when its first batch is requested: Lightning creates the training iterator before it calls
-      `set_epoch` when it resumes, and a DataLoader with workers would have drawn its first indices from the stale
-      epoch right then;
-    - `state_dict()` is the position in the epoch (`TrainPosition`), counting the batches handed to the training
-      loop (not those the workers prefetched); `load_state_dict()` makes the next pass of that epoch start there.
-    `len()` is always the whole epoch's batches, as Lightning counts a resumed epoch's batches from its start."""
-
-    def __init__(self, dataset: Dataset, order: EpochOrder, **kwargs):
-        super().__init__(dataset, batch_sampler=_OrderBatches(order), **kwargs)
-        self.order = order
-
-    def __iter__(self):
-        return self._pass()
-
-    def _pass(self):
-        for batch in super().__iter__():
-            self.order.batches_read()
-            yield batch
-
-    def state_dict(self) -> dict:
-        return self.order.position().as_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.order.resume_at(TrainPosition.from_dict(state))
-
-
 class ImageNetDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -200,6 +158,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         ffcv_dir: Optional[str] = None,
         ffcv_order: Literal["random", "quasi_random"] = "random",
         ffcv_os_cache: bool = True,
+        manifest: Optional[str] = None,
     ):
         """
         Args:
@@ -213,8 +172,9 @@ class ImageNetDataModule(pl.LightningDataModule):
             scale_jitter_range: shorter-side range of `scale_jitter` ([256, 480] in the paper).
             hflip: random horizontal flip of training crops.
             lighting_std: AlexNet PCA lighting noise std (0.1 in the paper; 0 = off).
-            max_corrupt_train_images: undecodable training images skipped (with a warning naming each) per
-                loader worker before the run stops; validation never skips one.
+            max_corrupt_train_images: unreadable training images skipped (each replaced by the next image, with a
+                warning naming it) in the whole run, all ranks and restarts together (`<run>/skipped_images.txt`),
+                before it stops; validation never skips one. A manifest's unreadable files are left out beforehand.
             pin_memory: page-locked host batches for faster copies to the GPU.
             seed: seed of the training shuffle (same on every rank, reshuffled each epoch) and, in the torchvision
                 backend, of each image's augmentation: a function of (seed, epoch, image index), the same with any
@@ -227,6 +187,8 @@ class ImageNetDataModule(pl.LightningDataModule):
             ffcv_order: training order: `random` (a full shuffle) or `quasi_random` (shuffles within
                 memory-sized chunks: for datasets larger than RAM; one process only).
             ffcv_os_cache: let the OS page cache hold the .beton (fits in RAM) instead of FFCV's own reads.
+            manifest: the manifest `resnet prepare check` wrote; None = the valid one in its default places, if
+                any (datamodules/manifest.py), else the folders are listed (by rank 0, which sends the list).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -260,14 +222,25 @@ class ImageNetDataModule(pl.LightningDataModule):
                 "(Lightning's DistributedSampler pads validation with duplicate images)"
             )
         self.per_device_batch_size  # fail early on a batch that does not divide
-        train_dir, val_dir = self.root / "train", self.root / "val"
-        if stage == "fit" or train_dir.is_dir():
-            self.classes = find_classes(train_dir)
-        else:  # evaluation-only machines may hold val/ alone: its folders define the labels
-            log.info("%s absent: class indices taken from the sorted folders of %s", train_dir, val_dir)
-            self.classes = find_classes(val_dir)
-        class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        train_dir = self.root / "train"
+        label_split = "train" if stage == "fit" or train_dir.is_dir() else "val"
+        if label_split == "val":  # evaluation-only machines may hold val/ alone: its folders define the labels
+            log.info("%s absent: class indices taken from the sorted folders of %s", train_dir, self.root / "val")
         hp = self.hparams
+        splits = {"fit": ("train", "val"), "validate": ("val",)}.get(stage, ())
+        found = load_samples(self.root, splits, label_split, hp.manifest, rank=self._world()[0])
+        self.classes = found.classes
+        if found.left_out.get("val"):
+            bad = found.left_out["val"]
+            raise DatasetLayoutError(
+                f"{len(bad)} validation images are unreadable ({found.source}): {', '.join(bad[:10])}"
+                f"{' ...' if len(bad) > 10 else ''}; every one counts in the accuracy: restore them (e.g. "
+                f"`resnet prepare imagenet`) and rerun `resnet prepare check --root {self.root}`"
+            )
+        if found.left_out.get("train"):
+            bad = found.left_out["train"]
+            log.warning("%d unreadable training images left out (%s): %s%s", len(bad), found.source,
+                        ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
         if hp.backend != "torchvision" and (hp.train_augmentation != "random_resized_crop" or hp.lighting_std > 0):
             raise ValueError(
                 f"data.backend={hp.backend}: data.train_augmentation={hp.train_augmentation} / data.lighting_std="
@@ -275,7 +248,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             )
         if stage == "fit":
             self.train_set = ImageFolderDataset(
-                scan_split(train_dir, class_to_idx),
+                found.splits["train"],
                 train_transform(
                     crop_size=hp.crop_size,
                     scale=tuple(hp.random_resized_crop_scale),
@@ -283,14 +256,24 @@ class ImageNetDataModule(pl.LightningDataModule):
                     hflip=hp.hflip,
                     lighting_std=hp.lighting_std,
                 ),
-                max_corrupt=hp.max_corrupt_train_images,
+                skipped=SkippedImages(self._skip_file(), hp.max_corrupt_train_images),
                 seed=hp.seed,
             )
         if stage in ("fit", "validate"):
             self.val_set = ImageFolderDataset(
-                scan_split(val_dir, class_to_idx),
+                found.splits["val"],
                 val_transform(crop_size=hp.crop_size, resize_size=hp.val_resize_size),
             )
+
+    def _skip_file(self) -> Path:
+        """The run's record of skipped images: in its folder, shared by its ranks and restarts."""
+        run_dir = getattr(self.trainer, "default_root_dir", None) if self.trainer is not None else None
+        if not run_dir:  # a DataModule used on its own: its own file
+            handle, name = tempfile.mkstemp(prefix="skipped_images-", suffix=".txt")
+            os.close(handle)
+            return Path(name)
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return Path(run_dir) / "skipped_images.txt"
 
     def _loader(self, dataset: ImageFolderDataset, order: Optional[EpochOrder] = None, **kwargs) -> DataLoader:
         workers = default_num_workers(self.hparams.num_workers)

@@ -2,13 +2,17 @@
 layout the DataModules read: `dst/train/<wnid>/*.JPEG` and `dst/val/<wnid>/ILSVRC2012_val_XXXXXXXX.JPEG`.
 
 A train class folder or a val image gets its final name only once complete (it is written under dst/.prepare_tmp
-first, then renamed), so a run stopped half-way is completed by the next one, and a run on a complete dst writes
-nothing. Labels are checked before anything is written: a bad ground truth costs seconds, not hours of copying."""
+first, synced to disk, then renamed), so a run stopped half-way, or a machine that crashed, is completed by the next
+run, and a run on a complete dst writes nothing. The official files' MD5 and the labels are checked before anything is
+written: a damaged download or a bad ground truth costs minutes, not hours of copying. Hidden and operating-system
+files of the sources (macOS `._x.JPEG` and `.DS_Store`, `__MACOSX/`, `Thumbs.db`) are skipped and listed."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import hashlib
 import io
 import os
 import re
@@ -20,7 +24,7 @@ from typing import IO, Callable, Iterator, Optional
 
 import numpy as np
 
-from datamodules.folder import IMAGE_EXTENSIONS, DatasetLayoutError
+from datamodules.folder import IMAGE_EXTENSIONS, DatasetLayoutError, is_hidden
 
 FULL_TRAIN, FULL_VAL, NUM_CLASSES = 1_281_167, 50_000, 1000
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
@@ -28,8 +32,12 @@ META, GROUND_TRUTH = "data/meta.mat", "data/ILSVRC2012_validation_ground_truth.t
 KAGGLE_DATA, KAGGLE_CSV = "ILSVRC/Data/CLS-LOC", "LOC_val_solution.csv"
 WNID = re.compile(r"n\d{8}")
 VAL_NAME = re.compile(r"ILSVRC2012_val_\d{8}\.JPEG")
+# The published MD5 of the official files (also torchvision's ImageNet dataset's). Kaggle's copy publishes none.
+MD5 = {TRAIN_TAR: "1d675b47d978889d74fa0da5fadfb00e", VAL_TAR: "29b22e2961454d5413ddabcf34fc5622",
+       DEVKIT: "fa75699e90414af021442c21a62c3abf"}
 
 Opener = Callable[[], IO[bytes]]  # a source image, opened only when it is written
+ClassImages = Callable[[], Iterator[tuple[str, Opener]]]  # (name, opener) of one class, listed when it is written
 
 
 @dataclass
@@ -42,14 +50,20 @@ class _Sources:
     val_csv: Optional[Path] = None
 
 
+class ChecksumError(ValueError):
+    """An official ILSVRC2012 file whose MD5 is not the published one: a damaged or incomplete download."""
+
+
 def prepare_imagenet(
     dst: str,
     src: Optional[str] = None,
     train_tar: Optional[str] = None,
     val_tar: Optional[str] = None,
     devkit: Optional[str] = None,
+    verify_checksums: bool = True,
 ) -> dict[str, int]:
-    """Arrange ILSVRC2012 into dst/train/<wnid>/ and dst/val/<wnid>/, completing a partial dst; prints a summary.
+    """Arrange ILSVRC2012 into dst/train/<wnid>/ and dst/val/<wnid>/, completing a partial dst; prints a summary,
+    with the hidden and operating-system files of the sources that were skipped.
 
     Args:
         dst: folder to hold train/ and val/ (e.g. /data/imagenet).
@@ -57,15 +71,29 @@ def prepare_imagenet(
         train_tar: ILSVRC2012_img_train.tar (one <wnid>.tar per class); overrides the one in --src.
         val_tar: ILSVRC2012_img_val.tar (flat JPEGs, labelled by --devkit); overrides the one in --src.
         devkit: ILSVRC2012_devkit_t12.tar.gz (meta.mat and the val ground truth); overrides the one in --src.
+        verify_checksums: compare the official files' MD5 with the published ones first (the train tar: minutes);
+            false skips it, e.g. on a rerun of files already checked. Kaggle's copy has none to compare.
+
+    Raises:
+        ChecksumError: an official file whose MD5 is not the published one (nothing is written).
+        DatasetLayoutError: sources or labels not as expected (nothing is written), or dst lacks images of a full set.
+        FileNotFoundError: a source that does not exist.
     """
     s = _find_sources(src, train_tar, val_tar, devkit)
     root = Path(dst)
     tmp = root / ".prepare_tmp"
+    skipped: list[str] = []  # hidden and OS files of the sources, as they are read
     with contextlib.ExitStack() as stack:
+        # The small files first: the labels are checked before the train tar's minutes of hashing.
+        for path, official in ((s.devkit, DEVKIT), (s.val_tar, VAL_TAR)):
+            if verify_checksums and path:
+                _verify_md5(path, official)
         classes = _read_synsets(*_devkit_file(s.devkit, META)) if s.devkit else {}
-        images = _val_images(s, stack)
+        images = _val_images(s, stack, skipped)
         labels = _val_labels(s, images, classes)
-        train = _train_classes(s, stack)
+        if verify_checksums and s.train_tar:
+            _verify_md5(s.train_tar, TRAIN_TAR)
+        train = _train_classes(s, stack, skipped)
         shutil.rmtree(tmp, ignore_errors=True)  # what a stopped run left half-written
         try:
             new_train = _write_train(train, root / "train", tmp)
@@ -76,6 +104,9 @@ def prepare_imagenet(
     absent = sorted(labels.keys() - images.keys())
     if absent:
         print(f"  missing: ground-truth lines for images not in the sources: {_some(absent)}")
+    if skipped:  # of the sources read now: a rerun does not open the classes already in dst
+        print(f"  skipped: hidden and OS files in the sources: {_some(sorted(skipped), 3)}")
+    counts["hidden_skipped"] = len(skipped)
     # Sources holding a full set, dst must hold its exact count: images lost on the way show here.
     for split, full, want in (("train", len(train) == NUM_CLASSES, FULL_TRAIN), ("val", len(images) == FULL_VAL, FULL_VAL)):
         if full and counts[f"{split}_images"] != want:
@@ -110,6 +141,25 @@ def _find_sources(src: Optional[str], train_tar: Optional[str], val_tar: Optiona
     if s.val_tar and not s.devkit:
         raise ValueError(f"{s.val_tar}: its labels are in the devkit: give --devkit {DEVKIT}")
     return s
+
+
+def _verify_md5(path: Path, official: str) -> None:
+    """Compare the MD5 of `path` with the published one of the file named `official`, printing the progress."""
+    size, done, shown = path.stat().st_size, 0, 0
+    total = f"{size / 1e9:,.1f} GB" if size >= 10**8 else f"{size / 1e6:,.1f} MB"
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            done += len(chunk)
+            if done * 20 // max(size, 1) > shown:  # every 5%: ILSVRC2012_img_train.tar is 147.9 GB
+                shown = done * 20 // max(size, 1)
+                print(f"{path}: checking MD5, {shown * 5}% of {total}", flush=True)
+    if digest.hexdigest() != MD5[official]:
+        raise ChecksumError(
+            f"{path}: MD5 {digest.hexdigest()}, the published {official} has {MD5[official]}: the file is damaged "
+            "or incomplete. Download it again, or pass --verify_checksums false to use it as it is"
+        )
 
 
 def _open_tar(path: Optional[Path], fileobj: Optional[IO[bytes]] = None, name: str = "") -> tarfile.TarFile:
@@ -147,14 +197,22 @@ def _read_synsets(data: bytes, where: str) -> dict[int, str]:
     return leaves
 
 
-def _val_images(s: _Sources, stack: contextlib.ExitStack) -> dict[str, Opener]:
-    """The val images of the sources by file name, in the order they are stored."""
+def _hidden(path: str) -> bool:
+    """A hidden or OS file or folder, or a path inside one (tar members: `__MACOSX/n01440764/._x.JPEG`)."""
+    return any(is_hidden(part) for part in PurePosixPath(path).parts)
+
+
+def _val_images(s: _Sources, stack: contextlib.ExitStack, skipped: list[str]) -> dict[str, Opener]:
+    """The val images of the sources by file name, in the order they are stored; hidden files go to `skipped`."""
     if s.val_tar:
         tar = stack.enter_context(_open_tar(s.val_tar))
         members = [m for m in tar.getmembers() if m.isfile()]  # 50,000 headers: seconds, also on a complete dst
-        entries = [(m.name, lambda m=m: tar.extractfile(m)) for m in members]
+        skipped.extend(f"{s.val_tar}:{m.name}" for m in members if _hidden(m.name))
+        entries = [(m.name, lambda m=m: tar.extractfile(m)) for m in members if not _hidden(m.name)]
     elif s.val_dir:
-        files = sorted(e.path for e in os.scandir(s.val_dir) if e.is_file())
+        found = list(os.scandir(s.val_dir))
+        skipped.extend(e.path + ("/" if e.is_dir() else "") for e in found if is_hidden(e.name))
+        files = sorted(e.path for e in found if e.is_file() and not is_hidden(e.name))
         entries = [(path, lambda p=path: open(p, "rb")) for path in files]
     else:
         return {}
@@ -207,34 +265,43 @@ def _csv_labels(path: Path) -> dict[str, str]:
     return labels
 
 
-def _train_classes(s: _Sources, stack: contextlib.ExitStack) -> dict[str, Callable[[], Iterator[tuple[str, Opener]]]]:
-    """wnid -> the images of that class in the sources (listed only when the class is written)."""
+def _train_classes(s: _Sources, stack: contextlib.ExitStack, skipped: list[str]) -> dict[str, ClassImages]:
+    """wnid -> the images of that class in the sources (listed only when the class is written); hidden files and
+    folders, here and in the classes, go to `skipped`."""
     if s.train_tar:
         outer = stack.enter_context(_open_tar(s.train_tar))
         members = [m for m in outer.getmembers() if m.isfile()]  # 1000 headers: fast, also on a complete dst
+        skipped.extend(f"{s.train_tar}:{m.name}" for m in members if _hidden(m.name))
+        members = [m for m in members if not _hidden(m.name)]
         for m in members:
             if not re.fullmatch(r"n\d{8}\.tar", PurePosixPath(m.name).name):
                 raise DatasetLayoutError(f"{s.train_tar}: unexpected {m.name!r} (expected one <wnid>.tar per class)")
-        return {PurePosixPath(m.name).stem: lambda m=m: _tar_images(outer, m) for m in members}
+        return {PurePosixPath(m.name).stem: lambda m=m: _tar_images(outer, m, skipped) for m in members}
     if s.train_dir:
-        folders = sorted((e for e in os.scandir(s.train_dir) if e.is_dir()), key=lambda e: e.name)
+        found = sorted(os.scandir(s.train_dir), key=lambda e: e.name)
+        skipped.extend(e.path + ("/" if e.is_dir() else "") for e in found if is_hidden(e.name))
+        folders = [e for e in found if e.is_dir() and not is_hidden(e.name)]
         for e in folders:
             if not WNID.fullmatch(e.name):
                 raise DatasetLayoutError(f"{e.path}: not a class folder (expected <wnid>/ folders like n01440764/)")
-        return {e.name: lambda d=e.path: _folder_images(d) for e in folders}
+        return {e.name: lambda d=e.path: _folder_images(d, skipped) for e in folders}
     return {}
 
 
-def _tar_images(outer: tarfile.TarFile, member: tarfile.TarInfo) -> Iterator[tuple[str, Opener]]:
+def _tar_images(outer: tarfile.TarFile, member: tarfile.TarInfo, skipped: list[str]) -> Iterator[tuple[str, Opener]]:
     with _open_tar(None, outer.extractfile(member), f"{outer.name}:{member.name}") as inner:
         for m in inner:
-            if m.isfile():
+            if m.isfile() and _hidden(m.name):
+                skipped.append(f"{outer.name}:{member.name}:{m.name}")
+            elif m.isfile():
                 yield PurePosixPath(m.name).name, lambda m=m: inner.extractfile(m)
 
 
-def _folder_images(folder: str) -> Iterator[tuple[str, Opener]]:
+def _folder_images(folder: str, skipped: list[str]) -> Iterator[tuple[str, Opener]]:
     for e in sorted(os.scandir(folder), key=lambda e: e.name):
-        if e.is_file():
+        if is_hidden(e.name):
+            skipped.append(e.path + ("/" if e.is_dir() else ""))
+        elif e.is_file():
             yield e.name, lambda p=e.path: open(p, "rb")
 
 
@@ -243,7 +310,20 @@ def _copy(open_source: Opener, target: Path) -> None:
         shutil.copyfileobj(source, out, 1 << 20)
 
 
-def _write_train(train: dict[str, Callable[[], Iterator[tuple[str, Opener]]]], split: Path, tmp: Path) -> int:
+def _fsync(path: Path) -> None:
+    """Push a file's data, or a folder's entries, to the disk. Before a rename, so that the final name never shows a
+    file a crash left empty; after renames, so that they last (one lost in a crash is copied again by the next run)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some network and FUSE file systems cannot sync a folder; its files are synced
+        if not (e.errno == errno.EINVAL and path.is_dir()):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_train(train: dict[str, ClassImages], split: Path, tmp: Path) -> int:
     """Each class not yet in `split` copied into a temporary folder, then renamed: a class folder is whole or absent."""
     todo, written = [w for w in train if not (split / w).is_dir()], 0
     for done, wnid in enumerate(todo, 1):
@@ -252,9 +332,15 @@ def _write_train(train: dict[str, Callable[[], Iterator[tuple[str, Opener]]]], s
         for name, opener in train[wnid]():
             if name.lower().endswith(IMAGE_EXTENSIONS):
                 _copy(opener, part / name)
-        if any(part.iterdir()):  # an empty class folder would stop the loaders: the class is reported missing instead
+        files = list(part.iterdir())
+        if files:  # an empty class folder would stop the loaders: the class is reported missing instead
+            # Synced once the whole class is written, not file by file: the kernel writes ~1,300 files back together.
+            for f in files:
+                _fsync(f)
+            _fsync(part)  # the class gets its name only with its files' entries on disk
             split.mkdir(parents=True, exist_ok=True)
             part.rename(split / wnid)
+            _fsync(split)
             written += 1
         _progress("train", done, len(todo), "classes")
     return written
@@ -266,9 +352,13 @@ def _write_val(images: dict[str, Opener], labels: dict[str, str], split: Path, t
     for done, name in enumerate(todo, 1):
         (tmp / "val").mkdir(parents=True, exist_ok=True)
         _copy(images[name], tmp / "val" / name)
+        _fsync(tmp / "val" / name)
         (split / labels[name]).mkdir(parents=True, exist_ok=True)
         os.replace(tmp / "val" / name, split / labels[name] / name)
         _progress("val", done, len(todo), "images")
+    # The renames, once per class folder rather than per image (a rename lost in a crash is redone by the next run).
+    for wnid in sorted({labels[name] for name in todo}):
+        _fsync(split / wnid)
     return len(todo)
 
 
@@ -281,8 +371,10 @@ def _count(split: Path) -> dict[str, int]:
     """Images per class folder of one split of dst."""
     if not split.is_dir():
         return {}
-    folders = (e for e in os.scandir(split) if e.is_dir())
-    return {e.name: sum(f.is_file() and f.name.lower().endswith(IMAGE_EXTENSIONS) for f in os.scandir(e.path)) for e in folders}
+    # What the loaders count (datamodules.folder): hidden files and folders are not images or classes.
+    folders = (e for e in os.scandir(split) if e.is_dir() and not is_hidden(e.name))
+    return {e.name: sum(f.is_file() and not is_hidden(f.name) and f.name.lower().endswith(IMAGE_EXTENSIONS)
+                        for f in os.scandir(e.path)) for e in folders}
 
 
 def _summarize(root: Path, known: set[str], new_train: int, new_val: int) -> dict[str, int]:

@@ -72,7 +72,7 @@ def test_few_corrupt_train_jpegs_are_skipped_with_a_warning(demo_copy, caplog):
         labels = [y for _, y in (dm.train_set[i] for i in range(len(dm.train_set)))]
     assert len(labels) == 72
     warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 2 and str(bad[0]) in warned[0] and "(1 so far" in warned[0] and "(2 so far" in warned[1]
+    assert len(warned) == 2 and str(bad[0]) in warned[0] and "(1 in this run" in warned[0] and "(2 in this run" in warned[1]
     dm = make_dm(demo_copy, max_corrupt_train_images=1)
     dm.setup("fit")
     with pytest.raises(CorruptImageError, match=str(bad[1])):

@@ -5,7 +5,9 @@ import csv
 import gc
 import json
 import math
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -16,9 +18,11 @@ from PIL import Image
 
 pytest.importorskip("ffcv")  # the optional `ffcv` extra
 
+import cv2  # noqa: E402  (FFCV's dependency)
 from ffcv.reader import Reader  # noqa: E402
 from torchvision.io import decode_jpeg  # noqa: E402
 
+from datamodules import ffcv_write  # noqa: E402
 from datamodules.demo import write_demo_dataset  # noqa: E402
 from datamodules.ffcv import _resize_center_crop, train_loader, val_loader  # noqa: E402
 from datamodules.ffcv_write import check_beton, prepare_ffcv  # noqa: E402
@@ -137,6 +141,90 @@ def test_prepare_and_loaders_fail_clearly(betons, demo_copy, tmp_path):
         check_beton(copy / "train.beton", spec(demo_copy, "train").samples)
     with pytest.raises(ValueError, match="quasi_random"):
         train_loader(spec(demo_copy, "train", world=2), betons[0] / "train.beton", order="quasi_random")
+
+
+def small_tree(root: Path, images: dict[str, np.ndarray]) -> Path:
+    """<root>/val/n0/<name> for each (name, HWC uint8 pixels), saved as its extension says."""
+    (root / "val/n0").mkdir(parents=True)
+    for name, pixels in images.items():
+        Image.fromarray(pixels).save(root / "val/n0" / name, format="PNG" if name.endswith(".png") else "JPEG")
+    return root
+
+
+def ramp(h: int, w: int) -> np.ndarray:
+    """Smooth HWC uint8 pixels: small and fast to save even when large."""
+    return np.ascontiguousarray(np.broadcast_to(np.linspace(0, 255, w, dtype=np.uint8)[None, :, None], (h, w, 3)))
+
+
+@pytest.mark.timeout(120)  # FFCV's own writer waits forever here
+def test_prepare_stores_a_raw_image_larger_than_ffcvs_page_or_names_it(tmp_path, monkeypatch):
+    root = small_tree(tmp_path / "tree", {"big.png": ramp(1800, 1700), "small.JPEG": ramp(20, 30)})
+    big = str(root / "val/n0/big.png")  # 1800 x 1700 x 3 = 9.2 MB raw, more than FFCV's default 8 MiB page
+    out = prepare_ffcv(str(root), str(tmp_path / "out"), max_resolution=2048, compress_probability=0, splits=["val"])
+    assert Reader(str(out / "val.beton")).page_size == 16 << 20  # the smallest page a raw 2048 x 2048 image fits
+    mode, data = stored(out / "val.beton", 0)
+    assert mode == RAW and np.array_equal(data, decode(big).permute(1, 2, 0).numpy().reshape(-1))
+    monkeypatch.setattr(ffcv_write, "_page_size", lambda max_resolution: ffcv_write.DEFAULT_PAGE)  # FFCV's page
+    with pytest.raises(DatasetLayoutError, match=f"1 of 2 images unreadable:\n  {big}: ValueError: Tried alloc"):
+        prepare_ffcv(str(root), str(tmp_path / "out8"), max_resolution=2048, compress_probability=0, splits=["val"])
+    assert list((tmp_path / "out8").iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_prepare_names_an_image_whose_encoding_fails_and_leaves_nothing(demo_copy, tmp_path, monkeypatch):
+    bad = samples(demo_copy, "val")[7][0]
+
+    def wrong_dtype(path: str) -> torch.Tensor:  # RGBImageField.encode raises inside the writer process
+        return decode(path).to(torch.int16) if path == bad else decode(path)
+
+    monkeypatch.setattr(ffcv_write, "decode", wrong_dtype)  # the writer processes are forked: patched there too
+    with pytest.raises(DatasetLayoutError, match=f"1 of 30 images unreadable:\n  {bad}: ValueError: Image type"):
+        prepare_ffcv(str(demo_copy), str(tmp_path / "out"), splits=["val"], workers=2)
+    assert list((tmp_path / "out").iterdir()) == []  # no .beton, .partial nor .errors
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("failure", ["killed", "exit", "stall"])
+def test_prepare_ends_when_a_writer_process_dies_or_hangs(demo_copy, tmp_path, monkeypatch, failure):
+    bad = samples(demo_copy, "val")[12][0]
+    monkeypatch.setattr(ffcv_write, "STALL_S", 2.0)
+
+    def failing(path: str) -> torch.Tensor:
+        if path == bad and failure == "killed":
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does
+        elif path == bad and failure == "exit":
+            raise SystemExit(3)  # escapes the per-image `except Exception`, as a failure outside the image would
+        elif path == bad:
+            time.sleep(100)  # a read on a dead network mount
+        return decode(path)
+
+    monkeypatch.setattr(ffcv_write, "decode", failing)
+    expected = {"killed": "was killed by SIGKILL while writing", "stall": "no image finished in 2 s, writing",
+                "exit": r"failed \(exit code 3\) while writing"}[failure]
+    start = time.monotonic()
+    with pytest.raises(ChildProcessError, match=f"val.beton: not written: .*{expected} {bad}"):
+        prepare_ffcv(str(demo_copy), str(tmp_path / "out"), splits=["val"], workers=2)
+    assert time.monotonic() - start < 30
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.timeout(120)
+def test_prepare_cli_stores_16_bit_and_cmyk_and_names_an_empty_file(tmp_path):
+    root = small_tree(tmp_path / "tree", {"rgb.JPEG": ramp(24, 32)})
+    cv2.imwrite(str(root / "val/n0/deep.png"), ramp(30, 20).astype(np.uint16) * 257)  # 16-bit RGB PNG
+    Image.fromarray(ramp(16, 16)).convert("CMYK").save(root / "val/n0/cmyk.JPEG", format="JPEG")
+    (root / "val/n0/empty.JPEG").touch()
+    args = ("prepare", "ffcv", "--root", str(root), "--dst", str(tmp_path / "out"), "--splits", "[val]",
+            "--compress-probability", "0", "--workers", "2")
+    proc = run_resnet(*args, timeout=100, expect_rc=2)
+    assert f"1 of 4 images unreadable:\n  {root}/val/n0/empty.JPEG: empty file (0 bytes)" in proc.stderr
+    assert "Traceback" not in proc.stderr and list((tmp_path / "out").iterdir()) == []
+    (root / "val/n0/empty.JPEG").unlink()
+    run_resnet(*args, timeout=100)
+    written = [stored(tmp_path / "out/val.beton", i) for i in range(3)]
+    for (mode, data), (path, _) in zip(written, scan_split(root / "val", {"n0": 0})):  # cmyk, deep, rgb
+        assert mode == RAW and np.array_equal(data, decode(path).permute(1, 2, 0).numpy().reshape(-1)), path
+    assert np.array_equal(written[1][1], ramp(30, 20).reshape(-1))  # 16 bits to 8: the high byte
 
 
 def test_resize_center_crop_is_torchvisions_pixel_for_pixel():

@@ -1,8 +1,10 @@
 """`resnet prepare imagenet` on small fake ILSVRC2012 sources: real tar files (a tar of per-class tars, a flat val
-tar, a devkit .tar.gz with a meta.mat written by scipy) and Kaggle's folder layout with its CSV of val labels."""
+tar, a devkit .tar.gz with a meta.mat written by scipy) and Kaggle's folder layout with its CSV of val labels. The fake
+tars have MD5s of their own: tests pass verify_checksums=False, or stand the fakes' MD5 in for the published ones."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import shutil
 import tarfile
@@ -14,7 +16,7 @@ from PIL import Image
 
 from datamodules import prepare
 from datamodules.folder import DatasetLayoutError, find_classes, scan_split
-from datamodules.prepare import DEVKIT, TRAIN_TAR, VAL_TAR, prepare_imagenet
+from datamodules.prepare import DEVKIT, TRAIN_TAR, VAL_TAR, ChecksumError, prepare_imagenet
 from tests.conftest import run_resnet
 
 # meta.mat's (ILSVRC2012_ID, WNID, num_children): ids 1-3 are deliberately not in sorted-wnid order, id 4 is a leaf
@@ -24,6 +26,9 @@ WNID_OF = {1: "n02000001", 2: "n03000002", 3: "n01000003", 4: "n04000004"}
 TRAIN = {"n01000003": 3, "n02000001": 2, "n03000002": 4}  # images per class
 GROUND_TRUTH = [2, 3, 1, 1, 2, 3, 4, 1]  # lines 7 and 8 label images that the val sources lack
 N_VAL = 6
+PUBLISHED_MD5 = {TRAIN_TAR: "1d675b47d978889d74fa0da5fadfb00e", VAL_TAR: "29b22e2961454d5413ddabcf34fc5622",
+                 DEVKIT: "fa75699e90414af021442c21a62c3abf"}
+APPLE_DOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"  # the start of a macOS `._x` resource companion
 SUMMARY = [
     "  train: 3 classes, 9 images (3 classes written now)",
     "  val:   3 classes, 6 images (6 images written now)",
@@ -87,8 +92,9 @@ def write_devkit(path: Path, meta: dict | None = None, ground_truth: str | None 
     return path
 
 
-def write_official(folder: Path) -> Path:
-    """The three official files under their own names: a tar of per-class tars, a flat val tar, the devkit."""
+def write_official(folder: Path, hidden: bool = False) -> Path:
+    """The three official files under their own names: a tar of per-class tars, a flat val tar, the devkit; `hidden`
+    adds what a copy through macOS leaves in tars (`._x` companions, `.DS_Store`, `__MACOSX/`)."""
     folder.mkdir(parents=True)
     with tarfile.open(folder / TRAIN_TAR, "w") as outer:
         for wnid in TRAIN:
@@ -97,10 +103,17 @@ def write_official(folder: Path) -> Path:
                 for name, data in train_files().items():
                     if name.startswith(wnid):
                         add(tar, name, data)
+                if hidden and wnid == "n01000003":
+                    add(tar, "._n01000003_1.JPEG", APPLE_DOUBLE)
             add(outer, f"{wnid}.tar", inner.getvalue())
+        if hidden:
+            add(outer, "._n01000003.tar", APPLE_DOUBLE)
     with tarfile.open(folder / VAL_TAR, "w") as tar:
         for name, data in val_files().items():
             add(tar, name, data)
+        if hidden:
+            add(tar, ".DS_Store", b"\x00\x00\x00\x01Bud1")
+            add(tar, "__MACOSX/._ILSVRC2012_val_00000001.JPEG", APPLE_DOUBLE)
     write_devkit(folder / DEVKIT)
     return folder
 
@@ -127,10 +140,22 @@ def official(tmp_path) -> Path:
     return write_official(tmp_path / "ilsvrc")
 
 
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
 def test_official_tars_through_the_cli(official, tmp_path):
     dst = tmp_path / "imagenet"
-    proc = run_resnet("prepare", "imagenet", "--train-tar", str(official / TRAIN_TAR), "--val_tar",
-                      str(official / VAL_TAR), "--devkit", str(official / DEVKIT), "--dst", str(dst))
+    args = ["prepare", "imagenet", "--train-tar", str(official / TRAIN_TAR), "--val_tar", str(official / VAL_TAR),
+            "--devkit", str(official / DEVKIT), "--dst", str(dst)]
+    proc = run_resnet(*args, expect_rc=2)  # the fake devkit is not the published file
+    assert proc.stderr.splitlines()[-1] == (
+        f"resnet prepare: error: {official / DEVKIT}: MD5 {md5(official / DEVKIT)}, the published {DEVKIT} has "
+        f"{PUBLISHED_MD5[DEVKIT]}: the file is damaged or incomplete. Download it again, or pass --verify_checksums "
+        "false to use it as it is"
+    )
+    assert not dst.exists()
+    proc = run_resnet(*args, "--verify-checksums", "false")
     assert tree(dst) == expected_tree()
     assert sorted(p.name for p in dst.iterdir()) == ["train", "val"]  # no temporary folder left
     # The first val image has ground-truth id 2: meta.mat's n03000002, where sorted wnids would give n02000001.
@@ -153,9 +178,9 @@ def test_kaggle_layout_through_the_cli(tmp_path):
 def test_rerun_writes_nothing_and_a_partial_dst_is_completed(source, tmp_path):
     src = write_official(tmp_path / "src") if source == "official" else write_kaggle(tmp_path / "src")
     dst = tmp_path / "imagenet"
-    assert prepare_imagenet(str(dst), src=str(src))["val_images_written"] == N_VAL
+    assert prepare_imagenet(str(dst), src=str(src), verify_checksums=False)["val_images_written"] == N_VAL
     before = mtimes(dst)
-    again = prepare_imagenet(str(dst), src=str(src))
+    again = prepare_imagenet(str(dst), src=str(src), verify_checksums=False)
     assert (again["train_classes_written"], again["val_images_written"], again["train_images"]) == (0, 0, 9)
     assert mtimes(dst) == before
     # A run stopped half-way: one class not renamed yet, one val image missing, temporary files left over.
@@ -164,7 +189,7 @@ def test_rerun_writes_nothing_and_a_partial_dst_is_completed(source, tmp_path):
     (dst / ".prepare_tmp/train/n03000002").mkdir(parents=True)
     (dst / ".prepare_tmp/train/n03000002/n03000002_1.JPEG").write_bytes(b"half")
     kept = {k: v for k, v in mtimes(dst, files_only=True).items() if not k.startswith(".prepare_tmp/")}
-    counts = prepare_imagenet(str(dst), src=str(src))
+    counts = prepare_imagenet(str(dst), src=str(src), verify_checksums=False)
     assert (counts["train_classes_written"], counts["val_images_written"]) == (1, 1)
     assert tree(dst) == expected_tree()
     assert {k: v for k, v in mtimes(dst, files_only=True).items() if k in kept} == kept  # the rest untouched
@@ -208,11 +233,12 @@ def test_a_stopped_run_leaves_no_partial_file_or_class(tmp_path, monkeypatch, st
 )
 def test_bad_ground_truth_is_an_error_and_dst_is_kept(official, tmp_path, devkit, message):
     dst = tmp_path / "imagenet"
-    prepare_imagenet(str(dst), src=str(official))
+    prepare_imagenet(str(dst), src=str(official), verify_checksums=False)
     before, before_times = tree(dst), mtimes(dst)
     bad = write_devkit(tmp_path / DEVKIT, **devkit)
     with pytest.raises(DatasetLayoutError, match=message):
-        prepare_imagenet(str(dst), train_tar=str(official / TRAIN_TAR), val_tar=str(official / VAL_TAR), devkit=str(bad))
+        prepare_imagenet(str(dst), train_tar=str(official / TRAIN_TAR), val_tar=str(official / VAL_TAR),
+                         devkit=str(bad), verify_checksums=False)
     assert tree(dst) == before and mtimes(dst) == before_times
 
 
@@ -220,7 +246,7 @@ def test_bad_ground_truth_is_an_error_and_dst_is_kept(official, tmp_path, devkit
     "damage, message",
     [
         (lambda csv: csv.write_text("".join(l for l in csv.read_text().splitlines(True) if "_00000005," not in l)),
-         rf"LOC_val_solution.csv: no row for ILSVRC2012_val_00000005 \(7 rows, \S+/CLS-LOC/val has 6 images\)$"),
+         r"LOC_val_solution.csv: no row for ILSVRC2012_val_00000005 \(7 rows, \S+/CLS-LOC/val has 6 images\)$"),
         (lambda csv: csv.write_text("id,label\n"), r"LOC_val_solution.csv: expected the header ImageId,PredictionString"),
         (lambda csv: csv.write_text(csv.read_text().replace("n01000003 1", "cat 1", 1)),
          r"LOC_val_solution.csv line \d: expected ImageId,<wnid> <box> ..., got 'ILSVRC2012_val_0000000\d,cat 1"),
@@ -261,9 +287,99 @@ def test_bad_sources_name_the_file(tmp_path):
         prepare_imagenet(str(tmp_path / "dst"), val_tar=str(tmp_path / "val.tar"))
     (tmp_path / "train.tar").write_bytes(b"not a tar" * 100)
     with pytest.raises(DatasetLayoutError, match=r"train.tar: not a readable tar file"):
-        prepare_imagenet(str(tmp_path / "dst"), train_tar=str(tmp_path / "train.tar"))
+        prepare_imagenet(str(tmp_path / "dst"), train_tar=str(tmp_path / "train.tar"), verify_checksums=False)
     with tarfile.open(tmp_path / "flat.tar", "w") as tar:
         add(tar, "n01440764_1.JPEG", jpeg(0))
     with pytest.raises(DatasetLayoutError, match=r"flat.tar: unexpected 'n01440764_1.JPEG' \(expected one <wnid>.tar"):
-        prepare_imagenet(str(tmp_path / "dst"), train_tar=str(tmp_path / "flat.tar"))
+        prepare_imagenet(str(tmp_path / "dst"), train_tar=str(tmp_path / "flat.tar"), verify_checksums=False)
     assert not (tmp_path / "dst").exists()
+
+
+def test_hidden_and_os_files_of_a_kaggle_copy_are_skipped_and_listed(tmp_path, capsys):
+    src, dst = write_kaggle(tmp_path / "kaggle"), tmp_path / "imagenet"
+    data = src / "ILSVRC/Data/CLS-LOC"
+    for name, content in {  # what macOS Finder, archivers and Windows leave in a copied tree
+        "val/.DS_Store": b"\x00\x00\x00\x01Bud1",  # in the flat val folder: was refused as an unexpected file
+        "train/n02000001/._n02000001_1.JPEG": APPLE_DOUBLE,  # named like an image: was copied as one
+        "train/n02000001/Thumbs.db": b"thumbnails",
+        "train/.hidden/n09000009_1.JPEG": jpeg(9),  # a folder among the classes: was refused, must be no class
+        "train/__MACOSX/n01000003/._n01000003_1.JPEG": APPLE_DOUBLE,
+    }.items():
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(content)
+    counts = prepare_imagenet(str(dst), src=str(src))
+    assert tree(dst) == expected_tree()  # no hidden file, no extra class
+    assert counts["hidden_skipped"] == 5 and counts["train_classes"] == 3
+    assert capsys.readouterr().out.splitlines()[-5:] == [
+        *SUMMARY,
+        f"  skipped: hidden and OS files in the sources: 5 ({data}/train/.hidden/, {data}/train/__MACOSX/, "
+        f"{data}/train/n02000001/._n02000001_1.JPEG, ...)",
+    ]
+    assert find_classes(dst / "train") == ["n01000003", "n02000001", "n03000002"]
+    # A rerun reads no class folder already in dst: it lists what it read (the top of train/, val/).
+    assert prepare_imagenet(str(dst), src=str(src))["hidden_skipped"] == 3
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"  skipped: hidden and OS files in the sources: 3 ({data}/train/.hidden/, {data}/train/__MACOSX/, "
+        f"{data}/val/.DS_Store)"
+    )
+
+
+def test_hidden_and_os_members_of_the_official_tars_are_skipped_and_listed(tmp_path, capsys):
+    src, dst = write_official(tmp_path / "ilsvrc", hidden=True), tmp_path / "imagenet"
+    counts = prepare_imagenet(str(dst), src=str(src), verify_checksums=False)
+    assert tree(dst) == expected_tree() and counts["hidden_skipped"] == 4
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"  skipped: hidden and OS files in the sources: 4 ({src / TRAIN_TAR}:._n01000003.tar, "
+        f"{src / TRAIN_TAR}:n01000003.tar:._n01000003_1.JPEG, {src / VAL_TAR}:.DS_Store, ...)"
+    )
+
+
+@pytest.mark.parametrize("damaged", [DEVKIT, VAL_TAR, TRAIN_TAR])
+def test_a_checksum_mismatch_names_the_file_and_writes_nothing(official, tmp_path, monkeypatch, damaged):
+    # The fakes' own MD5 stands in for the published one of the other two files: `damaged` is checked last.
+    for name in {TRAIN_TAR, VAL_TAR, DEVKIT} - {damaged}:
+        monkeypatch.setitem(prepare.MD5, name, md5(official / name))
+    dst = tmp_path / "imagenet"
+    with pytest.raises(ChecksumError) as error:
+        prepare_imagenet(str(dst), src=str(official))
+    assert str(error.value) == (
+        f"{official / damaged}: MD5 {md5(official / damaged)}, the published {damaged} has {PUBLISHED_MD5[damaged]}: "
+        "the file is damaged or incomplete. Download it again, or pass --verify_checksums false to use it as it is"
+    )
+    assert not dst.exists()
+
+
+def test_matching_checksums_are_reported_and_verify_checksums_false_skips_them(official, tmp_path, monkeypatch,
+                                                                               capsys):
+    assert prepare.MD5 == PUBLISHED_MD5
+    prepare_imagenet(str(tmp_path / "unchecked"), src=str(official), verify_checksums=False)
+    assert tree(tmp_path / "unchecked") == expected_tree()
+    assert not [line for line in capsys.readouterr().out.splitlines() if "MD5" in line]
+    for name in (TRAIN_TAR, VAL_TAR, DEVKIT):
+        monkeypatch.setitem(prepare.MD5, name, md5(official / name))
+    prepare_imagenet(str(tmp_path / "checked"), src=str(official))
+    assert tree(tmp_path / "checked") == expected_tree()
+    assert [line for line in capsys.readouterr().out.splitlines() if "MD5" in line] == [
+        f"{official / name}: checking MD5, 100% of 0.0 MB" for name in (DEVKIT, VAL_TAR, TRAIN_TAR)
+    ]
+
+
+def test_each_file_is_synced_whole_before_its_rename_and_the_folders_after(tmp_path, monkeypatch):
+    src, dst = write_kaggle(tmp_path / "kaggle"), tmp_path / "imagenet"
+    fsync, synced = prepare._fsync, []
+
+    def record(path):  # where the file is when it is synced, and what it holds
+        synced.append((str(path.relative_to(dst)), path.read_bytes() if path.is_file() else None))
+        fsync(path)
+
+    monkeypatch.setattr(prepare, "_fsync", record)
+    prepare_imagenet(str(dst), src=str(src))
+    # Every image synced whole under its temporary name (so before its rename): train/<wnid>/x, val/x.
+    files = {name: data for name, data in synced if data is not None}
+    assert files == {".prepare_tmp/" + (k if k.startswith("train/") else "val/" + k.rsplit("/", 1)[1]): v
+                     for k, v in expected_tree().items()}
+    # A class folder synced before its rename, train/ after it; the val class folders after the renames into them.
+    assert [name for name, data in synced if data is None] == [
+        ".prepare_tmp/train/n01000003", "train", ".prepare_tmp/train/n02000001", "train",
+        ".prepare_tmp/train/n03000002", "train", "val/n01000003", "val/n02000001", "val/n03000002",
+    ]

@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules import ImageNetDataModule
 from datamodules.demo import write_demo_dataset
+from datamodules.folder import CorruptImageError, DatasetLayoutError
 from train.evaluate import evaluate_main, exit_with_error
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
@@ -113,7 +114,10 @@ def prepare_main(args: list[str]) -> None:
     if args[:1] != ["demo"]:  # FFCV's numba and the devkit reader load only when their subcommand may run
         from datamodules.prepare import prepare_imagenet
 
+        from datamodules.dataset_check import check_dataset
+
         commands["imagenet"] = prepare_imagenet
+        commands["check"] = check_dataset
         try:
             from datamodules.ffcv_write import prepare_ffcv
 
@@ -127,11 +131,12 @@ def prepare_main(args: list[str]) -> None:
 
 
 def bench_main(args: list[str]) -> None:
-    from train import bench, bench_checkpoint, node_report  # only this command needs them
+    from train import bench, bench_checkpoint, bench_start, node_report  # only this command needs them
 
     args = underscore_options(args)
     commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval,
-                "node": node_report.bench_node, "checkpoint": bench_checkpoint.bench_checkpoint}
+                "node": node_report.bench_node, "checkpoint": bench_checkpoint.bench_checkpoint,
+                "start": bench_start.bench_start}
     try:
         auto_cli(commands, args=args, as_positional=False)
     except (Requeued, Preempted) as saved:  # a benchmark's fit got the job's signal: stop the benchmark, not a row
@@ -186,7 +191,19 @@ def main(args: Optional[list[str]] = None) -> None:
         ignore_job_signals()
         close_process_group()
         end_on_job_signal(saved)  # requeue (SIGUSR1) or exit 143 (SIGTERM: SLURM requeues a preempted job)
+    except (DatasetLayoutError, CorruptImageError) as e:  # the data, not the code: its path and the fix, no traceback
+        close_process_group()
+        exit_with_error(f"resnet {argv[0] if argv else 'fit'}", _worker_cause(e))
     close_process_group()
+
+
+def _worker_cause(error: Exception) -> str:
+    """The message of an error a DataLoader worker raised, without the traceback text the loader wraps around it."""
+    text = str(error)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last)
 
 
 if __name__ == "__main__":

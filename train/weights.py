@@ -79,7 +79,14 @@ def load_checkpoint(path: str) -> LoadedModel:
 
 
 def load_weights(spec: str) -> LoadedModel:
-    """`torchvision:resnet50.IMAGENET1K_V1` (through torchvision's download cache) or a state-dict file."""
+    """`torchvision:resnet50.IMAGENET1K_V1` (through torchvision's download cache) or a state-dict file.
+
+    Raises:
+        FileNotFoundError: a state-dict file that does not exist.
+        ValueError: an unknown model or weights name, a file that is no ResNet state dict, or a damaged file in
+            torchvision's download cache (named, with the fix: delete it and rerun).
+        ConnectionError: torchvision's weights neither in the cache nor downloadable.
+    """
     if not spec.startswith("torchvision:"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"--weights {spec}: no such file (or use torchvision:<arch>.<weights>, e.g. torchvision:resnet50.IMAGENET1K_V2)")
@@ -100,11 +107,19 @@ def load_weights(spec: str) -> LoadedModel:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     try:
         state = weights.get_state_dict(progress=True)
-    except (urllib.error.URLError, OSError) as e:
-        raise ConnectionError(
-            f"--weights {spec}: cannot download {weights.url} ({e}); offline, put that file at {cached} "
-            "or pass its path as --weights"
-        ) from e
+    except Exception as e:  # torch.load reports a bad file as pickle, zip, EOF or runtime errors alike
+        if cached.is_file():  # read from the cache (or just downloaded into it): that file is bad, not the network
+            reason = (str(e).strip().splitlines() or [""])[0][:120]
+            raise ValueError(
+                f"--weights {spec}: cannot read torchvision's cached download {cached} ({type(e).__name__}: {reason}): "
+                f"the file is damaged or incomplete. Delete it (rm {cached}) and rerun to download it again"
+            ) from e
+        if isinstance(e, (urllib.error.URLError, OSError)):
+            raise ConnectionError(
+                f"--weights {spec}: cannot download {weights.url} ({e}); offline, put that file at {cached} "
+                "or pass its path as --weights"
+            ) from e
+        raise
     net = _net_from_state(state, arch, spec)
     transforms = weights.transforms()
     return LoadedModel(

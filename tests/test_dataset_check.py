@@ -1,0 +1,202 @@
+"""Real ImageNet copies: `resnet prepare check` reports every planted defect by path and writes a manifest; every
+backend reads the same usable samples; unreadable images are skipped (training, counted over the run) or refused
+(validation) with their paths; ranks start from the manifest, or from one rank's scan, without listing folders."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.folder import CorruptImageError, DatasetLayoutError, decode, find_classes, scan_split
+from datamodules.imagenet import ImageNetDataModule
+from datamodules.manifest import NAME, find_manifest
+from tests.conftest import run_resnet
+from tests.odd_imagenet import write_odd_copy
+
+
+@pytest.fixture(scope="module")
+def odd(tmp_path_factory) -> tuple[Path, dict]:
+    """The odd copy, checked: (root, planted defects); its manifest lies in the root."""
+    root = tmp_path_factory.mktemp("odd") / "imagenet"
+    planted = write_odd_copy(root)
+    proc = run_resnet("prepare", "check", "--root", str(root), timeout=180)  # a hang fails the test
+    planted["stdout"] = proc.stdout
+    return root, planted
+
+
+def sections(report: str) -> dict[str, str]:
+    """The report file's text by kind: "kind (N): what" lines open a section."""
+    out: dict[str, str] = {}
+    kind = None
+    for line in report.splitlines():
+        if not line.startswith(" ") and " (" in line and "):" in line:
+            kind = line.split(" (")[0]
+            out[kind] = ""
+        elif kind:
+            out[kind] += line + "\n"
+    return out
+
+
+def test_check_reports_each_planted_defect_by_path_and_writes_the_manifest(odd):
+    root, planted = odd
+    report = (root / ".resnet-manifest.report.txt").read_text()
+    by_kind = sections(report)
+    for kind in ("empty", "truncated", "corrupt", "convert", "extension", "hidden", "other", "leak"):
+        for rel in planted[kind]:
+            assert rel in by_kind.get(kind, ""), (kind, rel, by_kind.get(kind))
+    assert "gray16.png: 16-bit+gray" in by_kind["convert"] and "rgb16.png: 16-bit" in by_kind["convert"]
+    assert "cmyk.JPEG: cmyk" in by_kind["convert"] and "png_named.JPEG: PNG content" in by_kind["extension"]
+    # Read as ordinary images: nothing said of them.
+    assert "progressive" not in report and "exif_rotated" not in report
+    assert "planted_defects" not in by_kind and "ILSVRC2012: 1281167" in report  # the counts against the real set
+    assert "interrupted_copy.JPEG" in planted["stdout"]  # printed too, not only in the file
+    state = json.loads(gzip.decompress((root / NAME).read_bytes()))
+    for split in ("train", "val"):
+        usable = sorted(f"{split}/{rel}" for rel, *_ in state["files"][split])
+        assert usable == planted[f"readable_{split}"]
+    assert sorted(f"train/{rel}" for rel, *_ in state["bad"]["train"]) == sorted(
+        planted["empty"] + planted["truncated"] + planted["corrupt"])
+    assert state["classes"] == find_classes(root / "train")  # hidden folders are no classes
+    assert len(state["classes"]) == 6
+
+
+def test_every_readable_image_is_8_bit_rgb(odd):
+    root, planted = odd
+    for rel in planted["convert"] + planted["extension"]:
+        image = decode(str(root / rel))
+        assert image.dtype == torch.uint8 and image.shape[0] == 3, rel
+    gray16 = decode(str(root / planted["convert"][4]))
+    assert int(gray16.max()) > 200 and torch.equal(gray16[0], gray16[2])  # scaled from 16 bits, not clipped
+    for rel in planted["empty"] + planted["truncated"] + planted["corrupt"]:
+        with pytest.raises(CorruptImageError, match=str(root / rel)):
+            decode(str(root / rel))
+
+
+def test_the_folder_scan_and_the_manifest_give_the_same_samples_but_the_unreadable(odd):
+    root, planted = odd
+    classes = find_classes(root / "train")
+    scanned = scan_split(root / "train", {c: i for i, c in enumerate(classes)})
+    assert not any("/." in path or "__MACOSX" in path for path, _ in scanned)  # hidden files are no samples
+    manifest = find_manifest(root)
+    unreadable = {str(root / rel) for rel in planted["empty"] + planted["truncated"] + planted["corrupt"]}
+    assert manifest.samples("train") == [s for s in scanned if s[0] not in unreadable]
+    assert sorted(manifest.bad_paths("train")) == sorted(unreadable)
+
+
+def test_a_changed_folder_makes_the_manifest_stale(odd, tmp_path, caplog):
+    root, _ = odd
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    run_resnet("prepare", "check", "--root", str(copy), "--manifest", str(tmp_path / "m.json.gz"), timeout=180)
+    assert find_manifest(copy, str(tmp_path / "m.json.gz")) is not None
+    wnid = find_classes(copy / "train")[0]
+    shutil.copyfile(next((copy / "train" / wnid).glob("*_1.JPEG")), copy / "train" / wnid / "added.JPEG")
+    with pytest.raises(DatasetLayoutError, match="stale"):
+        find_manifest(copy, str(tmp_path / "m.json.gz"))
+    # The manifest copied with the tree is of another root: not used (the folders are listed), with a warning.
+    assert find_manifest(copy) is None
+    assert "a manifest of" in caplog.text
+
+
+def test_a_read_only_root_gets_its_manifest_in_the_cache(odd, tmp_path, monkeypatch):
+    root, _ = odd
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".resnet-manifest*"))
+    (copy / NAME).mkdir()  # the root's place cannot take the file (tests run as root: chmod would not stop it)
+    monkeypatch.setenv("RESNET_CACHE", str(tmp_path / "cache"))
+    from datamodules.dataset_check import check_dataset
+
+    out = check_dataset(str(copy), workers=1)
+    assert Path(out["manifest"]).parent == tmp_path / "cache"
+    (copy / NAME).rmdir()
+    assert find_manifest(copy).path == Path(out["manifest"])
+
+
+class _Rank:
+    def __init__(self, rank: int, world: int = 1, run_dir: str | None = None):
+        self.global_rank, self.world_size = rank, world
+        self.strategy = type("S", (), {"root_device": torch.device("cpu")})()
+        self.default_root_dir = run_dir
+
+
+def _datamodule(root: Path, rank: int = 0, world: int = 1, run_dir: str | None = None, **options):
+    dm = ImageNetDataModule(str(root), batch_size=8 * world, num_workers=0, crop_size=32, val_resize_size=36,
+                            **options)
+    dm.trainer = _Rank(rank, world, run_dir)
+    return dm
+
+
+def test_unreadable_images_skipped_in_training_over_the_run_and_refused_in_validation(odd, tmp_path):
+    root, planted = odd
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".resnet-manifest*"))  # no manifest: read them
+    dm = _datamodule(copy, run_dir=str(tmp_path / "run"), max_corrupt_train_images=3)
+    dm.setup("fit")
+    labels = [int(y) for _, (_, ys) in zip(range(100), dm.train_dataloader()) for y in ys]
+    assert len(labels) == len(dm.train_set) // 8 * 8
+    skipped = (tmp_path / "run" / "skipped_images.txt").read_text()
+    assert sorted({line.split("\t")[0] for line in skipped.splitlines()}) == sorted(
+        str(copy / rel) for rel in planted["empty"] + planted["truncated"] + planted["corrupt"])
+    # The limit counts the whole run: a second epoch (or a restart, or another rank) adds no new paths; a lower
+    # limit stops at once, naming the files.
+    dm = _datamodule(copy, run_dir=str(tmp_path / "run"), max_corrupt_train_images=2)
+    dm.setup("fit")
+    with pytest.raises(CorruptImageError, match=r"3 unreadable training images in this run.*interrupted_copy"):
+        for _ in dm.train_dataloader():
+            pass
+    bad_val = copy / "val" / find_classes(copy / "val")[0] / "zero.JPEG"
+    bad_val.write_bytes(b"")
+    dm = _datamodule(copy)
+    dm.setup("validate")
+    with pytest.raises(CorruptImageError, match=str(bad_val)):
+        for _ in dm.val_dataloader():
+            pass
+    run_resnet("prepare", "check", "--root", str(copy), timeout=180)
+    with pytest.raises(DatasetLayoutError, match=rf"1 validation images are unreadable.*{bad_val}"):
+        _datamodule(copy).setup("validate")  # with a manifest: refused before anything runs
+
+
+def _rank_sets_up(rank: int, root: str, port: int, out: str) -> None:
+    """One of two gloo ranks: DataModule.setup("fit") with every directory listing recorded (an audit hook)."""
+    import torch.distributed as dist
+
+    listed: list[str] = []
+    sys.addaudithook(lambda event, args: listed.append(str(args[0])) if event in ("os.scandir", "os.listdir")
+                     and args and str(args[0]).startswith(root) else None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dm = _datamodule(Path(root), rank, 2)
+    dm.setup("fit")
+    torch.save({"listed": listed, "train": dm.train_set.samples, "val": dm.val_set.samples, "classes": dm.classes},
+               f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_two_ranks_start_from_the_manifest_or_one_scan_without_listing_the_class_folders(odd, tmp_path,
+                                                                                         with_manifest):
+    root, planted = odd
+    if not with_manifest:
+        root = Path(shutil.copytree(root, tmp_path / "copy", ignore=shutil.ignore_patterns(".resnet-manifest*")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_sets_up, args=(str(root), port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["train"] == ranks[1]["train"] and ranks[0]["val"] == ranks[1]["val"]
+    assert ranks[1]["listed"] == []  # rank 1 lists nothing: it gets rank 0's answer
+    class_folders = [p for p in ranks[0]["listed"] if os.path.dirname(p.rstrip("/")) in
+                     (str(root / "train"), str(root / "val"))]
+    if with_manifest:  # rank 0 lists the two split folders (the manifest's key), not one class folder
+        assert class_folders == [] and sorted(set(ranks[0]["listed"])) == [str(root / "train"), str(root / "val")]
+        assert len(ranks[0]["train"]) == len(planted["readable_train"])
+    else:
+        assert len(class_folders) == 12  # 6 classes x 2 splits, listed once, by rank 0
+        assert len(ranks[0]["train"]) == len(planted["readable_train"]) + 3  # unreadable ones are skipped later
