@@ -18,7 +18,7 @@ import torch
 from datamodules.folder import CorruptImageError, DatasetLayoutError, decode, find_classes, scan_split
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.manifest import NAME, find_manifest
-from tests.conftest import run_resnet
+from tests.conftest import last_metrics, run_resnet, tiny_fit_args
 from tests.odd_imagenet import write_odd_copy
 
 
@@ -200,3 +200,52 @@ def test_two_ranks_start_from_the_manifest_or_one_scan_without_listing_the_class
     else:
         assert len(class_folders) == 12  # 6 classes x 2 splits, listed once, by rank 0
         assert len(ranks[0]["train"]) == len(planted["readable_train"]) + 3  # unreadable ones are skipped later
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
+def test_each_backend_fits_and_validates_on_the_odd_copy_with_the_manifests_samples(odd, tmp_path, backend):
+    """One epoch and its validation: every readable image once, the unreadable ones never met (none skipped)."""
+    root, planted = odd
+    extra = []
+    if backend != "torchvision":
+        pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
+        extra = ["--data.backend", backend] + (["--data.dali_device", "cpu"] if backend == "dali" else [])
+    if backend == "ffcv":
+        beton = tmp_path / "ffcv"
+        run_resnet("prepare", "ffcv", "--root", str(root), "--dst", str(beton), "--workers", "2", timeout=300)
+        extra += ["--data.ffcv_dir", str(beton)]
+    run_dir = tmp_path / "run"
+    run_resnet(*tiny_fit_args(root, run_dir, "--trainer.max_epochs", "1", "--data.num_workers", "1", *extra),
+               timeout=300)
+    metrics = last_metrics(run_dir)
+    assert metrics["val/images"] == len(planted["readable_val"])
+    steps = len(planted["readable_train"]) // 8  # whole batches of 8
+    assert metrics["step"] == steps - 1  # the CSV row of the epoch-end validation: the last step index
+    assert not (run_dir / "skipped_images.txt").exists()  # the manifest left the unreadable ones out
+
+
+def test_a_flat_val_folder_points_to_prepare_imagenet(odd, tmp_path):
+    root, _ = odd
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "train", copy / "train")
+    (copy / "val").mkdir()
+    shutil.copyfile(next((root / "train").glob("*/*_1.JPEG")), copy / "val" / "ILSVRC2012_val_00000001.JPEG")
+    with pytest.raises(DatasetLayoutError, match=r"images directly in it .* `resnet prepare imagenet --dst"):
+        _datamodule(copy).setup("fit")
+    proc = run_resnet("prepare", "check", "--root", str(copy), expect_rc=2, timeout=120)
+    assert "resnet prepare imagenet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_stray_class_folder_is_named_in_the_class_count_error(odd, tmp_path):
+    root, _ = odd  # its hidden folders (.hidden_class, __MACOSX) are no classes: 6, as the model's
+    from train.model import ImageNetClassifier
+
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".resnet-manifest*"))
+    shutil.copytree(copy / "train" / ".hidden_class", copy / "train" / "backup of n90000001")
+    dm = _datamodule(copy)
+    dm.setup("fit")
+    model = ImageNetClassifier(arch="resnet18", num_classes=6)
+    model.trainer = type("T", (), {"datamodule": dm})()
+    with pytest.raises(DatasetLayoutError, match=r"holds 7 class folders, among them \['backup of n90000001'\]"):
+        model.setup("fit")

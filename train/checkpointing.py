@@ -30,6 +30,7 @@ from train.signals import (  # noqa: F401  (re-exported: the names callers and t
     Requeued,
     ignore_job_signals,
     is_startup_handler,
+    startup_signals,
     requeue,
     slurm_job_id,
 )
@@ -263,6 +264,7 @@ class RequeueOnSignal(Callback):
             self._flags[flag] = True
             return
         if self._active:  # one process, before the first step: nothing new to save, leave now
+            self._flags[flag] = True  # and at on_train_start, should this exception be lost (see startup_signals)
             raise (Preempted if flag == TERM else Requeued)(NOTHING_NEW)
         # After fit: Lightning's teardown after an exception re-installs the handlers it found (these). Act as the
         # handler from before fit would: the process must not become deaf to SIGTERM.
@@ -288,6 +290,10 @@ class RequeueOnSignal(Callback):
         if SLURMEnvironment.detect():  # SIGUSR1 means "requeue" only in a SLURM job
             self._install(self.signum, USR1)
         self._install(signal.SIGTERM, TERM)
+        for signum in startup_signals():  # received during start-up, its exception lost: act on it now
+            self._flags[TERM if signum == signal.SIGTERM else USR1] = True
+        if self._world_size == 1 and any(self._flags):
+            raise (Preempted if self._flags[TERM] else Requeued)(NOTHING_NEW)
 
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # The first hook after Lightning registered its handlers: its SIGTERM handler broadcasts from inside the
@@ -300,11 +306,12 @@ class RequeueOnSignal(Callback):
         self._install(signal.SIGTERM, TERM)
         trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
         self._agreed = AgreedFlags(trainer.world_size, self.lag_steps)
+        usr1, term = self._flags
         if trainer.world_size > 1:  # a signal during set-up: every rank leaves here, together (one collective each)
-            usr1 = trainer.strategy.reduce_boolean_decision(self._flags[USR1], all=False)
-            term = trainer.strategy.reduce_boolean_decision(self._flags[TERM], all=False)
-            if usr1 or term:
-                raise (Preempted if term else Requeued)(NOTHING_NEW)
+            usr1 = trainer.strategy.reduce_boolean_decision(usr1, all=False)
+            term = trainer.strategy.reduce_boolean_decision(term, all=False)
+        if usr1 or term:
+            raise (Preempted if term else Requeued)(NOTHING_NEW)
         self._training, self._last_save = True, time.monotonic()
         if trainer.ckpt_path:
             restarts = os.environ.get("SLURM_RESTART_COUNT", "0")

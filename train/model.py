@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -14,6 +15,7 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from datamodules.folder import DatasetLayoutError
 from train.optim import lr_factor, param_groups, scaled_lr
 
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
@@ -115,7 +117,14 @@ class ImageNetClassifier(pl.LightningModule):
         datamodule = self.trainer.datamodule if self.trainer is not None else None
         classes = getattr(datamodule, "num_classes", None)
         if classes and classes != self.hparams.num_classes:
-            raise ValueError(f"model.num_classes={self.hparams.num_classes} but the data has {classes} classes")
+            names = list(getattr(datamodule, "classes", []))
+            odd = [c for c in names if not re.fullmatch(r"n\d{8}", c)][:5]  # not WordNet ids: often the culprits
+            where = getattr(datamodule, "root", "the data")
+            raise DatasetLayoutError(
+                f"model.num_classes={self.hparams.num_classes} but {where}/train holds {classes} class folders"
+                + (f", among them {odd} (not WordNet ids)" if odd else f" ({names[:3]}...)")
+                + ": set --model.num_classes or remove the extra folders"
+            )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:

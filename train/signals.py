@@ -42,7 +42,11 @@ def slurm_job_id() -> Optional[str]:
     return os.environ.get("SLURM_JOB_ID")
 
 
+_received: list[int] = []  # start-up signals, also kept here: see startup_signals()
+
+
 def _before_training(signum: int, frame) -> None:
+    _received.append(signum)
     if signum == signal.SIGTERM:
         raise Preempted(NOTHING_NEW)
     raise Requeued(NOTHING_NEW)
@@ -53,6 +57,13 @@ def install_startup_handlers() -> None:
     signal.signal(signal.SIGTERM, _before_training)
     if in_slurm_job():
         signal.signal(signal.SIGUSR1, _before_training)
+
+
+def startup_signals() -> list[int]:
+    """The signals the start-up handler received. Its exception can be lost: a handler that runs while Python
+    executes a finalizer (garbage collection during the imports) has its exception printed and dropped, and the
+    command would go on to train. RequeueOnSignal acts on these at set-up."""
+    return list(_received)
 
 
 def is_startup_handler(handler) -> bool:
