@@ -36,25 +36,28 @@ class FirstStepTime(pl.Callback):
 
 
 def write_tiny_tree(root: Path, files: int, classes: int = 1000, val_per_class: int = 1) -> Path:
-    """`files` training images in `classes` class folders (+ `val_per_class` each in val/), hard links to one
-    16x16 JPEG: a tree whose cost is its directory entries, as ImageNet's on a shared file system."""
+    """`files` training images in `classes` class folders (+ `val_per_class` each in val/), hard links to a few
+    16x16 JPEGs: a tree whose cost is its directory entries, as ImageNet's on a shared file system."""
     marker = root / "tiny_tree.json"
     spec = {"files": files, "classes": classes, "val_per_class": val_per_class}
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return root
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    source = root / "tiny.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(source)
     per_class = -(-files // classes)
-    made = 0
+    made = links = 0
     for c in range(classes):
         wnid = f"n{c:08d}"
         for split, count in (("train", min(per_class, files - made)), ("val", val_per_class)):
             folder = root / split / wnid
             folder.mkdir(parents=True)
             for i in range(count):
+                if links % 50_000 == 0:  # ext4 allows 65,000 links to a file
+                    source = root / f"tiny{links // 50_000}.jpg"
+                    pixels = np.random.default_rng(links).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                    Image.fromarray(pixels).save(source)
                 os.link(source, folder / f"{wnid}_{i}.JPEG")
+                links += 1
         made += min(per_class, files - made)
     marker.write_text(json.dumps(spec))
     return root
@@ -118,6 +121,7 @@ def bench_start(root: Optional[str] = None, files: int = 200_000, classes: int =
                 subprocess.run([str(Path(sys.executable).parent / "resnet"), "prepare", "check", "--root", str(tree)],
                                check=True, capture_output=True, timeout=3600, cwd=REPO)
                 rows.append({"mode": "check", "run": 0, "seconds": round(time.time() - start, 1), "files": files})
+                console().print(rows[-1])
             for run in range(repeats):
                 dropped = _drop_caches() if cold else False
                 with tempfile.TemporaryDirectory(dir=scratch) as run_dir:
