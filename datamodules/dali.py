@@ -228,7 +228,12 @@ class DaliLoader:
                 except StopIteration:
                     return
                 except RuntimeError as e:  # DALI cannot skip a file, and its error may name none
-                    raise _unreadable(samples, handed * self.batch_size, self.batch_size, e) from None
+                    # Where the reader is in `samples`: a pass rebuilt from a checkpoint starts past its head.
+                    start = (self._handed if self.train else handed) * self.batch_size
+                    bad = _unreadable(samples, start, self.batch_size)
+                    if bad is None:  # not a file's fault that we can see (memory, a GPU fault): DALI's own error
+                        raise
+                    raise bad from e
                 handed += 1
                 if self.train:
                     self.sampler.batches_read()
@@ -270,24 +275,30 @@ class DaliLoader:
         return self._open
 
 
-def _unreadable(samples: list[tuple[str, int]], start: int, batch_size: int, error: Exception) -> CorruptImageError:
-    """The error for a pipeline that failed after `start` samples: the files of the batches DALI may have been
-    preparing (its prefetch queue holds 2), each decoded by the torchvision backend's reader to name the bad ones."""
-    window = [path for path, _ in samples[start : start + 4 * batch_size]]
+def _unreadable(samples: list[tuple[str, int]], start: int, batch_size: int) -> Optional[CorruptImageError]:
+    """After a pipeline failed `start` samples into `samples`: the error naming the files of the batches DALI may
+    have been preparing (its prefetch queue holds 2) that the torchvision backend's reader cannot decode, or whose
+    content DALI does not decode (e.g. a GIF under a .JPEG name); None when all of them look fine."""
+    from datamodules.dataset_check import content_format
+    from datamodules.samples import DALI_FORMATS
+
     bad = []
-    for path in window:
+    for path, _ in samples[start : start + 4 * batch_size]:
         try:
             decode(path)
-        except (CorruptImageError, OSError, RuntimeError) as e:
+            with open(path, "rb") as f:
+                image_format = content_format(f.read(16))
+            if image_format not in DALI_FORMATS:
+                bad.append(f"{path}: {image_format} content, which DALI does not decode")
+        except (CorruptImageError, OSError) as e:
             bad.append(str(e))
-    reason = str(error).strip().splitlines()
-    where = "; ".join(bad) if bad else (
-        f"one of the {len(window)} files from {window[0]} on (each decodes elsewhere; DALI: "
-        f"{next((line for line in reversed(reason) if line.strip()), 'no message')[:300]})" if window else "unknown")
-    root = Path(samples[0][0]).parents[2] if samples else "<data root>"  # samples are <root>/<split>/<wnid>/<file>
+    if not bad:
+        return None
+    root = Path(samples[0][0]).parents[2]  # samples are <root>/<split>/<wnid>/<file>
     return CorruptImageError(
-        f"DALI could not read {where}. DALI cannot skip a file at run time: `resnet prepare check --root {root}` "
-        f"writes a manifest that leaves unreadable files out (or use data.backend=torchvision, which skips them)"
+        f"DALI could not read {'; '.join(bad)}. DALI cannot skip a file at run time: `resnet prepare check --root "
+        f"{root}` writes a manifest that leaves unreadable files out (or use data.backend=torchvision, which skips "
+        f"them)"
     )
 
 

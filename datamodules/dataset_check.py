@@ -14,21 +14,31 @@ import hashlib
 import io
 import os
 import re
+import sys
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
 import torch
+from rich.console import Console
 
-from datamodules.folder import IMAGE_EXTENSIONS, CorruptImageError, DatasetLayoutError, decode_bytes, is_hidden
+from datamodules.folder import (
+    IMAGE_EXTENSIONS,
+    CorruptImageError,
+    DatasetLayoutError,
+    decode_bytes,
+    find_classes,
+    is_hidden,
+)
 from datamodules.imagenet import usable_cpus
 from datamodules.manifest import Manifest, folder_key
 
 ILSVRC2012 = {"train": 1_281_167, "val": 50_000, "classes": 1000}  # the published counts of the CLS-LOC task
-LEFT_OUT = ("empty", "truncated", "corrupt")
+LEFT_OUT = ("unreadable", "empty", "truncated", "corrupt")
 # (kind, what happens to such files): the report's order.
 KINDS = {
+    "unreadable": "left out: the file cannot be read (permissions, an I/O error)",
     "empty": "left out: 0-byte file (an interrupted copy)",
     "truncated": "left out: the image data ends early",
     "corrupt": "left out: not decodable as an image",
@@ -73,8 +83,11 @@ def conversion(data: bytes, image_format: str) -> str:
 def inspect_image(path: str) -> tuple[int, str, str, str, str, str]:
     """Reads and decodes one file: (bytes, BLAKE2b-128 hex digest, problem kind ("" or empty/truncated/corrupt),
     reason, conversion, content format)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:  # permissions, a failing disk: reported with the rest, the pass goes on
+        return 0, "", "unreadable", e.strerror or str(e), "", ""
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     image_format = content_format(data)
     try:
@@ -86,6 +99,11 @@ def inspect_image(path: str) -> tuple[int, str, str, str, str, str]:
             else "corrupt"
         return len(data), digest, kind, reason, "", image_format
     return len(data), digest, "", "", conversion(data, image_format), image_format
+
+
+def console() -> Console:
+    """Rich console, 100 columns when the output is a log file or pipe (rich's default there, 80, cuts paths)."""
+    return Console(width=None if sys.stdout.isatty() else 100)
 
 
 def _worker_init() -> None:
@@ -107,11 +125,7 @@ def _walk(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, list[s
             if is_hidden(entry.name):
                 problems["hidden"].append(rel + ("/" if entry.is_dir() else ""))
             elif not entry.is_dir():
-                if entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                    raise DatasetLayoutError(
-                        f"{split_dir}: images directly in it (e.g. {entry.name}), no <wnid>/ class folders: arrange "
-                        f"it with `resnet prepare imagenet --dst {root} --src <folder with the official files>`")
-                problems["other"].append(rel)
+                problems["other"].append(rel)  # a stray file beside the class folders: never a sample
             else:
                 split_classes[split].append(entry.name)
                 found = 0
@@ -125,6 +139,8 @@ def _walk(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, list[s
                         problems["other"].append(f"{rel}/{sub.name}")
                 if not found:
                     problems["empty_class"].append(rel + "/")
+        if not split_classes[split]:
+            find_classes(split_dir)  # no class folder: its error (a flat val/ points to `resnet prepare imagenet`)
     if not split_classes:
         raise DatasetLayoutError(f"{root}: neither train/ nor val/ in it (expected <root>/train/<wnid>/*.JPEG and "
                                  "<root>/val/<wnid>/*.JPEG; see README, 'Training on ImageNet')")
@@ -154,8 +170,6 @@ def check_dataset(root: str, manifest: Optional[str] = None, workers: Optional[i
     """
     from rich.progress import track
 
-    from train.results import console
-
     root_path = Path(root)
     key = folder_key(root_path)  # before the pass: a folder changed during it makes the manifest stale
     classes, images, problems = _walk(root_path)
@@ -175,7 +189,7 @@ def check_dataset(root: str, manifest: Optional[str] = None, workers: Optional[i
                 bad[split].append([rel, kind, reason])
                 problems[kind].append(f"{where}: {reason}")
                 continue
-            files[split].append([rel, label[rel.split("/")[0]], size, convert])
+            files[split].append([rel, label[rel.split("/")[0]], size, convert, image_format])
             digests[split].setdefault(digest, where)
             if convert:
                 problems["convert"].append(f"{where}: {convert}")
@@ -196,8 +210,6 @@ def _report(root: Path, manifest: Path, classes: list[str], counts: dict, files:
             shown: int) -> Path:
     """Prints the summary and the first `shown` paths of each kind; writes every path to `<manifest>.report.txt`."""
     from rich.table import Table
-
-    from train.results import console
 
     lines = [f"resnet prepare check: {root}"]
     table = Table(title=f"{root}: {len(classes)} classes (ILSVRC2012: {ILSVRC2012['classes']})")

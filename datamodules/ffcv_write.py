@@ -160,8 +160,10 @@ def _write_split(samples: list[tuple[str, int]], beton: Path, settings: dict, wo
         writer.write(_Images(samples), max(1, min(100, len(samples) // workers)), errors, beton)
         if errors.is_file():
             bad = errors.read_text().splitlines()
+            root = Path(samples[0][0]).parents[2]  # samples are <root>/<split>/<wnid>/<file>
             raise DatasetLayoutError(f"{beton}: not written, {len(bad)} of {len(samples)} images unreadable:\n  "
-                                     + "\n  ".join(bad[:10]))
+                                     + "\n  ".join(bad[:10]) + f"\n`resnet prepare check --root {root}` writes a "
+                                     "manifest that leaves unreadable images out; then run this again")
         os.replace(partial, beton)
     finally:
         partial.unlink(missing_ok=True)

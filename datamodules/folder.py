@@ -121,7 +121,7 @@ def _decode_with_pillow(data: torch.Tensor, path: str, torchvision_error: str) -
                 pixels = (np.asarray(image, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
                 return torch.from_numpy(pixels).expand(3, *pixels.shape).contiguous()
             return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise CorruptImageError(f"{path}: cannot decode image ({torchvision_error})") from e
 
 
@@ -134,7 +134,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class SkippedImages:
     """The unreadable training images skipped in a run, counted over all its loader workers, ranks and restarts: one
     line per skip appended to a file in the run folder (`<run>/skipped_images.txt`; O_APPEND writes of one line do
-    not interleave), distinct paths counted against the limit."""
+    not interleave on a local file system; on NFS, ranks of several nodes may rarely lose a line: the count is then
+    low by one, never high), distinct paths counted against the limit."""
 
     def __init__(self, path: str | Path, limit: int):
         self.path, self.limit = Path(path), limit
@@ -151,6 +152,7 @@ class SkippedImages:
         Raises:
             CorruptImageError: more than `limit` distinct paths, naming them.
         """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(handle, f"{path}\t{str(error).removeprefix(path + ': ')}\n".encode())

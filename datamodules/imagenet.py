@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from datamodules.order import EpochOrder, TrainPosition
 from datamodules.folder import DatasetLayoutError, ImageFolderDataset, SkippedImages, TrainLoader
-from datamodules.samples import load_samples
+from datamodules.samples import load_samples, sample_fingerprint, without_formats_dali_lacks
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, train_transform, val_transform
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         self._resume_position: Optional[TrainPosition] = None  # from a checkpoint, until the loader exists
         self._dali_train = None  # the DALI training loader: its pipeline state goes into checkpoints
         self._resume_pipelines: dict = {}  # rank -> a DALI training pipeline state, from a checkpoint
+        self._train_fingerprint: Optional[dict] = None  # of the training sample list (sample_fingerprint)
+        self._sample_source = "folder scan"
 
     @property
     def num_classes(self) -> int:
@@ -237,6 +239,8 @@ class ImageNetDataModule(pl.LightningDataModule):
                 f"{' ...' if len(bad) > 10 else ''}; every one counts in the accuracy: restore them (e.g. "
                 f"`resnet prepare imagenet`) and rerun `resnet prepare check --root {self.root}`"
             )
+        if hp.backend == "dali":
+            found = without_formats_dali_lacks(found)
         if found.left_out.get("train"):
             bad = found.left_out["train"]
             log.warning("%d unreadable training images left out (%s): %s%s", len(bad), found.source,
@@ -246,7 +250,9 @@ class ImageNetDataModule(pl.LightningDataModule):
                 f"data.backend={hp.backend}: data.train_augmentation={hp.train_augmentation} / data.lighting_std="
                 f"{hp.lighting_std} exist in the torchvision backend only (use random_resized_crop, lighting_std 0)"
             )
+        self._sample_source = found.source
         if stage == "fit":
+            self._train_fingerprint = sample_fingerprint(found.splits["train"], self.root / "train")
             self.train_set = ImageFolderDataset(
                 found.splits["train"],
                 train_transform(
@@ -266,14 +272,17 @@ class ImageNetDataModule(pl.LightningDataModule):
             )
 
     def _skip_file(self) -> Path:
-        """The run's record of skipped images: in its folder, shared by its ranks and restarts."""
+        """The run's record of skipped images: in its folder, shared by its ranks and restarts. A fresh run (no
+        checkpoint in the folder: a fresh fit over one is refused) starts it anew, on rank 0; the other ranks wait
+        at Lightning's barrier after set-up, so no skip is recorded before."""
         run_dir = getattr(self.trainer, "default_root_dir", None) if self.trainer is not None else None
-        if not run_dir:  # a DataModule used on its own: its own file
-            handle, name = tempfile.mkstemp(prefix="skipped_images-", suffix=".txt")
-            os.close(handle)
-            return Path(name)
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        return Path(run_dir) / "skipped_images.txt"
+        if not run_dir:  # a DataModule used on its own: a file of its own, made at the first skip
+            return Path(tempfile.gettempdir()) / f"skipped_images-{os.getpid()}-{id(self):x}.txt"
+        record = Path(run_dir) / "skipped_images.txt"
+        resumable = any(Path(run_dir).glob("hpc_ckpt_*.ckpt")) or any(Path(run_dir).glob("checkpoints/*.ckpt"))
+        if self._world()[0] == 0 and not resumable:
+            record.unlink(missing_ok=True)  # an earlier run's, e.g. one that stopped at the limit before a checkpoint
+        return record
 
     def _loader(self, dataset: ImageFolderDataset, order: Optional[EpochOrder] = None, **kwargs) -> DataLoader:
         workers = default_num_workers(self.hparams.num_workers)
@@ -346,6 +355,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         position = self.train_order.position() if self.train_order is not None else self._resume_position
         if position is not None:
             state["train_position"] = position.as_dict()
+        if self._train_fingerprint is not None:
+            state["train_samples"] = self._train_fingerprint
         if self._dali_train is not None:  # every rank's pipeline state: Lightning writes rank 0's checkpoint only
             pipelines = _gather_objects(self._dali_train.pipeline_state(), self._world()[0])
             state["dali_pipelines"] = {rank: p for rank, p in pipelines.items() if p is not None}
@@ -353,6 +364,13 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_position = TrainPosition.from_dict(state_dict.get("train_position"))
+        saved, now = state_dict.get("train_samples"), self._train_fingerprint
+        if saved and now and saved != now and self._resume_position is not None:
+            log.warning(
+                "the checkpoint's training order was drawn over %d images, this run has %d (%s, crc32 %08x vs %08x): "
+                "the rest of epoch %d follows the new list, so some of its images repeat and some are missed "
+                "(e.g. a manifest written or gone stale mid-run)", saved["count"], now["count"], self._sample_source,
+                saved["crc32"], now["crc32"], self._resume_position.epoch)
         self._resume_pipelines = state_dict.get("dali_pipelines") or {}
         if self._dali_train is not None:
             self._dali_train.restore_pipeline(self._resume_pipelines.get(self._world()[0]))

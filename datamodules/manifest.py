@@ -23,7 +23,7 @@ from datamodules.folder import DatasetLayoutError, is_hidden
 
 log = logging.getLogger(__name__)
 
-FORMAT, VERSION = "resnet-imagenet-manifest", 1
+FORMAT, VERSION = "resnet-imagenet-manifest", 2
 NAME = ".resnet-manifest.json.gz"  # in the data root (a hidden file: never a sample) when the root is writable
 
 
@@ -43,22 +43,28 @@ def default_paths(root: Path) -> list[Path]:
 
 
 def folder_key(root: Path) -> dict:
-    """The modification times (ns) of each split folder and of its (non-hidden) class folders: what changes when a
-    file is added, removed or renamed. Costs one listing of each split folder and a stat per class."""
+    """The modification and change times (ns) of each split folder and of its (non-hidden) class folders: what
+    changes when a file is added, removed or renamed (the change time also when a tree is re-extracted or copied
+    with its old modification times: tar, cp -a, rsync -t cannot set it). One listing of each split folder and a
+    stat per class."""
     key = {}
     for split in ("train", "val"):
         split_dir = Path(root) / split
         if split_dir.is_dir():
-            classes = {e.name: e.stat().st_mtime_ns for e in os.scandir(split_dir)
-                       if e.is_dir() and not is_hidden(e.name)}
-            key[split] = {"mtime_ns": split_dir.stat().st_mtime_ns, "classes": classes}
+            classes = {e.name: _times(e.stat()) for e in os.scandir(split_dir) if e.is_dir() and not is_hidden(e.name)}
+            key[split] = {"times": _times(split_dir.stat()), "classes": classes}
     return key
+
+
+def _times(stat: os.stat_result) -> list[int]:
+    return [stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 @dataclass
 class Manifest:
     """A checked copy: `classes` (sorted wnids: label = index); per split, `files` as [relative path, label, bytes,
-    conversion ("" for 8-bit RGB, else e.g. "cmyk", "gray", "palette", "alpha", "16-bit")] and `bad` as
+    conversion ("" for 8-bit RGB, else e.g. "cmyk", "gray", "palette", "alpha", "16-bit"), content format (JPEG,
+    PNG, GIF, BMP, TIFF, WEBP or unknown: what DALI may not decode)] and `bad` as
     [relative path, kind, reason] for the files left out (empty, truncated, corrupt); `refused`: the layout faults
     a folder scan refuses too ({"empty_class": ["train/<wnid>/", ...], "val_only_class": ["val/<wnid>/", ...]})."""
 
@@ -69,11 +75,18 @@ class Manifest:
     bad: dict[str, list[list]] = field(default_factory=dict)
     refused: dict[str, list[str]] = field(default_factory=dict)
     path: Optional[Path] = None  # where it was read from or written to
+    raw: bytes = field(default=b"", repr=False)  # the file's bytes as read: what rank 0 sends the other ranks
 
     def samples(self, split: str) -> list[tuple[str, int]]:
         """(path, label) of the usable images of `split`, sorted as the folder scan sorts them."""
         base = str(self.root / split)
         return [(os.path.join(base, rel), label) for rel, label, *_ in self.files.get(split, [])]
+
+    def formats(self, split: str) -> dict[str, str]:
+        """{path: content format} of the usable images of `split` that are neither JPEG nor PNG."""
+        base = self.root / split
+        return {str(base / row[0]): row[4] for row in self.files.get(split, [])
+                if len(row) > 4 and row[4] not in ("JPEG", "PNG")}
 
     def bad_paths(self, split: str) -> list[str]:
         return [str(self.root / split / rel) for rel, *_ in self.bad.get(split, [])]
@@ -108,23 +121,25 @@ class Manifest:
         raise OSError("cannot write the manifest: " + "; ".join(errors) + " (set RESNET_CACHE to a writable folder)")
 
 
-def read_manifest(path: Path, root: Path) -> Manifest:
-    """The manifest at `path` for data root `root`.
+def read_manifest(path: Path, root: Path, data: Optional[bytes] = None) -> Manifest:
+    """The manifest at `path` (or its bytes `data`, as rank 0 read and checked them there) for data root `root`.
 
     Raises:
         DatasetLayoutError: not a manifest of this project, or of another root.
     """
+    sent = data is not None  # by rank 0, which checked the root: paths resolve differently on other nodes at times
     try:
-        state = json.loads(gzip.decompress(Path(path).read_bytes()))
+        data = Path(path).read_bytes() if data is None else data
+        state = json.loads(gzip.decompress(data))
     except (OSError, ValueError, EOFError) as e:
         raise DatasetLayoutError(f"{path}: not a readable manifest ({e}); rerun `resnet prepare check --root "
                                  f"{root}`") from e
     if state.get("format") != FORMAT or state.get("version") != VERSION:
         raise DatasetLayoutError(f"{path}: not a manifest of version {VERSION} (rerun `resnet prepare check`)")
-    if Path(state["root"]) != Path(root).resolve():
+    if not sent and Path(state["root"]) != Path(root).resolve():
         raise DatasetLayoutError(f"{path}: a manifest of {state['root']}, not of {Path(root).resolve()}")
     return Manifest(Path(root), state["key"], state["classes"], state["files"], state["bad"], state["refused"],
-                    Path(path))
+                    Path(path), data)
 
 
 def find_manifest(root: Path, path: Optional[str] = None) -> Optional[Manifest]:

@@ -4,15 +4,14 @@ layout the DataModules read: `dst/train/<wnid>/*.JPEG` and `dst/val/<wnid>/ILSVR
 A train class folder or a val image gets its final name only once complete (it is written under dst/.prepare_tmp
 first, synced to disk, then renamed), so a run stopped half-way, or a machine that crashed, is completed by the next
 run, and a run on a complete dst writes nothing. The official files' MD5 and the labels are checked before anything is
-written: a damaged download or a bad ground truth costs minutes, not hours of copying. Hidden and operating-system
-files of the sources (macOS `._x.JPEG` and `.DS_Store`, `__MACOSX/`, `Thumbs.db`) are skipped and listed."""
+written: a damaged download or a bad ground truth costs minutes, not hours of copying. A file verified before (same
+path, size and mtime, recorded in dst/.prepare_verified.json) is not hashed again. Hidden and operating-system files of
+the sources (macOS `._x.JPEG` and `.DS_Store`, `__MACOSX/`, `Thumbs.db`) are skipped and listed."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import errno
-import hashlib
 import io
 import os
 import re
@@ -25,6 +24,7 @@ from typing import IO, Callable, Iterator, Optional
 import numpy as np
 
 from datamodules.folder import IMAGE_EXTENSIONS, DatasetLayoutError, is_hidden
+from datamodules.prepare_io import VerifiedRecord, fsync_path
 
 FULL_TRAIN, FULL_VAL, NUM_CLASSES = 1_281_167, 50_000, 1000
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz"
@@ -35,6 +35,8 @@ VAL_NAME = re.compile(r"ILSVRC2012_val_\d{8}\.JPEG")
 # The published MD5 of the official files (also torchvision's ImageNet dataset's). Kaggle's copy publishes none.
 MD5 = {TRAIN_TAR: "1d675b47d978889d74fa0da5fadfb00e", VAL_TAR: "29b22e2961454d5413ddabcf34fc5622",
        DEVKIT: "fa75699e90414af021442c21a62c3abf"}
+# Val images synced together, then renamed: ~65 MB that the kernel writes back at once, not 50,000 waits one by one.
+VAL_BATCH = 500
 
 Opener = Callable[[], IO[bytes]]  # a source image, opened only when it is written
 ClassImages = Callable[[], Iterator[tuple[str, Opener]]]  # (name, opener) of one class, listed when it is written
@@ -50,10 +52,6 @@ class _Sources:
     val_csv: Optional[Path] = None
 
 
-class ChecksumError(ValueError):
-    """An official ILSVRC2012 file whose MD5 is not the published one: a damaged or incomplete download."""
-
-
 def prepare_imagenet(
     dst: str,
     src: Optional[str] = None,
@@ -67,15 +65,18 @@ def prepare_imagenet(
 
     Args:
         dst: folder to hold train/ and val/ (e.g. /data/imagenet).
-        src: folder holding the official files below under their own names, or Kaggle's ILSVRC/ and LOC_val_solution.csv.
+        src: folder holding the official files below under their own names, or Kaggle's ILSVRC/ and
+            LOC_val_solution.csv.
         train_tar: ILSVRC2012_img_train.tar (one <wnid>.tar per class); overrides the one in --src.
         val_tar: ILSVRC2012_img_val.tar (flat JPEGs, labelled by --devkit); overrides the one in --src.
         devkit: ILSVRC2012_devkit_t12.tar.gz (meta.mat and the val ground truth); overrides the one in --src.
-        verify_checksums: compare the official files' MD5 with the published ones first (the train tar: minutes);
-            false skips it, e.g. on a rerun of files already checked. Kaggle's copy has none to compare.
+        verify_checksums: compare the official files' MD5 with the published ones first (the train tar: minutes),
+            except for files verified before (same path, size and mtime, in dst/.prepare_verified.json); false
+            skips it. Kaggle's copy has none to compare.
 
     Raises:
-        ChecksumError: an official file whose MD5 is not the published one (nothing is written).
+        datamodules.prepare_io.ChecksumError: an official file whose MD5 is not the published one (nothing is
+            written).
         DatasetLayoutError: sources or labels not as expected (nothing is written), or dst lacks images of a full set.
         FileNotFoundError: a source that does not exist.
     """
@@ -83,17 +84,19 @@ def prepare_imagenet(
     root = Path(dst)
     tmp = root / ".prepare_tmp"
     skipped: list[str] = []  # hidden and OS files of the sources, as they are read
+    verified = VerifiedRecord(root)
     with contextlib.ExitStack() as stack:
         # The small files first: the labels are checked before the train tar's minutes of hashing.
         for path, official in ((s.devkit, DEVKIT), (s.val_tar, VAL_TAR)):
             if verify_checksums and path:
-                _verify_md5(path, official)
+                verified.verify(path, official, MD5[official])
         classes = _read_synsets(*_devkit_file(s.devkit, META)) if s.devkit else {}
         images = _val_images(s, stack, skipped)
         labels = _val_labels(s, images, classes)
         if verify_checksums and s.train_tar:
-            _verify_md5(s.train_tar, TRAIN_TAR)
+            verified.verify(s.train_tar, TRAIN_TAR, MD5[TRAIN_TAR])
         train = _train_classes(s, stack, skipped)
+        verified.save()  # every check passed: the first write to dst, kept for the resume of a stopped copy
         shutil.rmtree(tmp, ignore_errors=True)  # what a stopped run left half-written
         try:
             new_train = _write_train(train, root / "train", tmp)
@@ -108,7 +111,8 @@ def prepare_imagenet(
         print(f"  skipped: hidden and OS files in the sources: {_some(sorted(skipped), 3)}")
     counts["hidden_skipped"] = len(skipped)
     # Sources holding a full set, dst must hold its exact count: images lost on the way show here.
-    for split, full, want in (("train", len(train) == NUM_CLASSES, FULL_TRAIN), ("val", len(images) == FULL_VAL, FULL_VAL)):
+    for split, full, want in (("train", len(train) == NUM_CLASSES, FULL_TRAIN),
+                              ("val", len(images) == FULL_VAL, FULL_VAL)):
         if full and counts[f"{split}_images"] != want:
             raise DatasetLayoutError(
                 f"{root / split}: {counts[f'{split}_images']:,} images, the full ILSVRC2012 {split} set has {want:,}"
@@ -116,13 +120,16 @@ def prepare_imagenet(
     return counts
 
 
-def _find_sources(src: Optional[str], train_tar: Optional[str], val_tar: Optional[str], devkit: Optional[str]) -> _Sources:
+def _find_sources(src: Optional[str], train_tar: Optional[str], val_tar: Optional[str],
+                  devkit: Optional[str]) -> _Sources:
     """The inputs: the official files (given ones win over those in `src`), or Kaggle's folders under `src`."""
     s = _Sources(*(Path(p) if p else None for p in (train_tar, val_tar, devkit)))
     if src is not None:
         folder = Path(src)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such folder (--src: a folder holding {TRAIN_TAR}, {VAL_TAR}, {DEVKIT})")
+            raise FileNotFoundError(
+                f"{folder}: no such folder (--src: a folder holding {TRAIN_TAR}, {VAL_TAR}, {DEVKIT})"
+            )
         s.train_tar = s.train_tar or (folder / TRAIN_TAR if (folder / TRAIN_TAR).is_file() else None)
         s.val_tar = s.val_tar or (folder / VAL_TAR if (folder / VAL_TAR).is_file() else None)
         s.devkit = s.devkit or (folder / DEVKIT if (folder / DEVKIT).is_file() else None)
@@ -143,25 +150,6 @@ def _find_sources(src: Optional[str], train_tar: Optional[str], val_tar: Optiona
     return s
 
 
-def _verify_md5(path: Path, official: str) -> None:
-    """Compare the MD5 of `path` with the published one of the file named `official`, printing the progress."""
-    size, done, shown = path.stat().st_size, 0, 0
-    total = f"{size / 1e9:,.1f} GB" if size >= 10**8 else f"{size / 1e6:,.1f} MB"
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-            done += len(chunk)
-            if done * 20 // max(size, 1) > shown:  # every 5%: ILSVRC2012_img_train.tar is 147.9 GB
-                shown = done * 20 // max(size, 1)
-                print(f"{path}: checking MD5, {shown * 5}% of {total}", flush=True)
-    if digest.hexdigest() != MD5[official]:
-        raise ChecksumError(
-            f"{path}: MD5 {digest.hexdigest()}, the published {official} has {MD5[official]}: the file is damaged "
-            "or incomplete. Download it again, or pass --verify_checksums false to use it as it is"
-        )
-
-
 def _open_tar(path: Optional[Path], fileobj: Optional[IO[bytes]] = None, name: str = "") -> tarfile.TarFile:
     try:
         return tarfile.open(path, fileobj=fileobj)
@@ -179,7 +167,8 @@ def _devkit_file(devkit: Path, member: str) -> tuple[bytes, str]:
 
 
 def _read_synsets(data: bytes, where: str) -> dict[int, str]:
-    """ILSVRC2012_ID -> wnid of the leaf synsets (the 1000 classes) of meta.mat; its id order is not sorted-wnid order."""
+    """ILSVRC2012_ID -> wnid of the leaf synsets (the 1000 classes) of meta.mat; its id order is not sorted-wnid
+    order."""
     try:
         from scipy.io import loadmat  # only this command needs it
     except ImportError as e:
@@ -190,7 +179,9 @@ def _read_synsets(data: bytes, where: str) -> dict[int, str]:
         raise DatasetLayoutError(f"{where}: not a readable MATLAB file ({e})") from e
     fields = {"ILSVRC2012_ID", "WNID", "num_children"}
     if synsets is None or synsets.size == 0 or not fields <= set(synsets.dtype.names or ()):
-        raise DatasetLayoutError(f"{where}: no synsets (expected a struct array 'synsets' with fields {sorted(fields)})")
+        raise DatasetLayoutError(
+            f"{where}: no synsets (expected a struct array 'synsets' with fields {sorted(fields)})"
+        )
     leaves = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in np.atleast_1d(synsets) if int(s["num_children"]) == 0}
     if not leaves or not all(WNID.fullmatch(w) for w in leaves.values()):
         raise DatasetLayoutError(f"{where}: no synsets with num_children 0 and a WNID like n01440764")
@@ -255,7 +246,8 @@ def _csv_labels(path: Path) -> dict[str, str]:
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0][:2] != ["ImageId", "PredictionString"]:
-        raise DatasetLayoutError(f"{path}: expected the header ImageId,PredictionString, got {rows[0] if rows else 'nothing'}")
+        got = rows[0] if rows else "nothing"
+        raise DatasetLayoutError(f"{path}: expected the header ImageId,PredictionString, got {got}")
     labels = {}
     for i, row in enumerate(rows[1:], 2):
         tokens = row[1].split() if len(row) > 1 else []
@@ -310,19 +302,6 @@ def _copy(open_source: Opener, target: Path) -> None:
         shutil.copyfileobj(source, out, 1 << 20)
 
 
-def _fsync(path: Path) -> None:
-    """Push a file's data, or a folder's entries, to the disk. Before a rename, so that the final name never shows a
-    file a crash left empty; after renames, so that they last (one lost in a crash is copied again by the next run)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some network and FUSE file systems cannot sync a folder; its files are synced
-        if not (e.errno == errno.EINVAL and path.is_dir()):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _write_train(train: dict[str, ClassImages], split: Path, tmp: Path) -> int:
     """Each class not yet in `split` copied into a temporary folder, then renamed: a class folder is whole or absent."""
     todo, written = [w for w in train if not (split / w).is_dir()], 0
@@ -336,34 +315,45 @@ def _write_train(train: dict[str, ClassImages], split: Path, tmp: Path) -> int:
         if files:  # an empty class folder would stop the loaders: the class is reported missing instead
             # Synced once the whole class is written, not file by file: the kernel writes ~1,300 files back together.
             for f in files:
-                _fsync(f)
-            _fsync(part)  # the class gets its name only with its files' entries on disk
+                fsync_path(f)
+            fsync_path(part)  # the class gets its name only with its files' entries on disk
             split.mkdir(parents=True, exist_ok=True)
             part.rename(split / wnid)
-            _fsync(split)
+            fsync_path(split)
             written += 1
         _progress("train", done, len(todo), "classes")
     return written
 
 
 def _write_val(images: dict[str, Opener], labels: dict[str, str], split: Path, tmp: Path) -> int:
-    """Each val image not yet in its class folder copied under a temporary name, then renamed into place."""
+    """Each val image not yet in its class folder copied under a temporary name, then renamed into place, by batches
+    of VAL_BATCH in the order of the sources (the val tar is read from start to end)."""
     todo = [name for name in images if not (split / labels[name] / name).is_file()]
-    for done, name in enumerate(todo, 1):
-        (tmp / "val").mkdir(parents=True, exist_ok=True)
-        _copy(images[name], tmp / "val" / name)
-        _fsync(tmp / "val" / name)
-        (split / labels[name]).mkdir(parents=True, exist_ok=True)
-        os.replace(tmp / "val" / name, split / labels[name] / name)
-        _progress("val", done, len(todo), "images")
-    # The renames, once per class folder rather than per image (a rename lost in a crash is redone by the next run).
+    part = tmp / "val"
+    for start in range(0, len(todo), VAL_BATCH):
+        batch = todo[start:start + VAL_BATCH]
+        part.mkdir(parents=True, exist_ok=True)
+        for name in batch:
+            _copy(images[name], part / name)
+        # Each file synced before it gets its final name. Not part/ itself: its entries are renamed away.
+        for name in batch:
+            fsync_path(part / name)
+        for name in batch:
+            (split / labels[name]).mkdir(parents=True, exist_ok=True)
+            os.replace(part / name, split / labels[name] / name)
+        _progress("val", start + len(batch), len(todo), "images", step=len(batch))
+    # The renames, once per class folder rather than per batch: a batch of 500 touches ~400 of the 1000 folders. A
+    # rename lost in a crash is redone by the next run. val/ holds the entries of the class folders made now.
     for wnid in sorted({labels[name] for name in todo}):
-        _fsync(split / wnid)
+        fsync_path(split / wnid)
+    if todo:
+        fsync_path(split)
     return len(todo)
 
 
-def _progress(split: str, done: int, total: int, what: str) -> None:
-    if done == total or done % max(1, total // 20) == 0:
+def _progress(split: str, done: int, total: int, what: str, step: int = 1) -> None:
+    """A line every 5% of `total`; `step`: how far `done` moved since the last call (a batch of val images)."""
+    if done == total or done % max(1, total // 20) < step:
         print(f"{split}: {done:,}/{total:,} {what} written", flush=True)
 
 

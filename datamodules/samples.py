@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,12 +22,14 @@ log = logging.getLogger(__name__)
 @dataclass
 class Samples:
     """The classes (sorted wnids: label = index), each split's (path, label) samples sorted, the unreadable files a
-    manifest leaves out per split, and where the lists came from ("manifest <path>" or "folder scan")."""
+    manifest leaves out per split, where the lists came from ("manifest <path>" or "folder scan"), and the content
+    format of the samples that are neither JPEG nor PNG (known from a manifest only)."""
 
     classes: list[str]
     splits: dict[str, list[tuple[str, int]]]
     left_out: dict[str, list[str]] = field(default_factory=dict)
     source: str = "folder scan"
+    formats: dict[str, str] = field(default_factory=dict)
 
 
 def _distributed() -> bool:
@@ -56,7 +59,8 @@ def _from_manifest(manifest: Manifest, root: Path, splits: Sequence[str]) -> Sam
                 raise DatasetLayoutError(f"{root / split / wnid}: {why} (found by `resnet prepare check`: "
                                          f"{manifest.path})")
     return Samples(manifest.classes, {s: manifest.samples(s) for s in splits},
-                   {s: manifest.bad_paths(s) for s in splits}, f"manifest {manifest.path}")
+                   {s: manifest.bad_paths(s) for s in splits}, f"manifest {manifest.path}",
+                   {path: fmt for s in splits for path, fmt in manifest.formats(s).items()})
 
 
 def load_samples(root: str | Path, splits: Sequence[str], label_split: str = "train",
@@ -64,8 +68,9 @@ def load_samples(root: str | Path, splits: Sequence[str], label_split: str = "tr
     """The samples of `splits` (e.g. ("train", "val")) under `root`, labels by the class folders of `label_split`.
 
     Rank 0 looks for a valid manifest (`manifest`, else the default places: datamodules/manifest.py) and else scans
-    the folders; with a process group, the other ranks get its answer (the manifest's path, which they read, or
-    the scanned lists) instead of listing anything. A fault found on rank 0 is raised on every rank.
+    the folders; with a process group, the other ranks get its answer (the manifest's bytes, or the scanned lists)
+    instead of opening or listing anything: the cache folder a manifest may live in need not be shared by the
+    nodes. A fault on rank 0, or a job signal during its scan, is raised on every rank.
 
     Raises:
         DatasetLayoutError: the layout faults of `find_classes`/`scan_split`, also when a manifest holds them; an
@@ -77,17 +82,17 @@ def load_samples(root: str | Path, splits: Sequence[str], label_split: str = "tr
     if rank == 0 or not _distributed():
         try:
             found = find_manifest(root, manifest)
-            answer = {"manifest": str(found.path)} if found else _scan(root, splits, label_split)
-        except Exception as e:  # sent to the other ranks: they raise it too instead of waiting
+            answer = {"manifest": str(found.path), "data": found.raw} if found else _scan(root, splits, label_split)
+        except BaseException as e:  # sent to the other ranks (a job signal's Preempted too): they raise it as well
             answer = e
     if _distributed():
         box = [answer]
         dist.broadcast_object_list(box, src=0)
         answer = box[0]
-    if isinstance(answer, Exception):
+    if isinstance(answer, BaseException):
         raise answer
     if "manifest" in answer:
-        found = found or read_manifest(Path(answer["manifest"]), root)
+        found = found or read_manifest(Path(answer["manifest"]), root, answer["data"])
         samples = _from_manifest(found, root, splits)
     else:
         samples = Samples(answer["classes"], {
@@ -98,4 +103,32 @@ def load_samples(root: str | Path, splits: Sequence[str], label_split: str = "tr
     return samples
 
 
-__all__ = ["Samples", "load_samples"]
+DALI_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")  # what DALI's image decoders read (GIF is not among them)
+
+
+def without_formats_dali_lacks(found: Samples) -> Samples:
+    """The samples DALI can decode (the formats a manifest knows): other training images are left out with a
+    warning; another format in validation is an error naming the files (each counts in the accuracy)."""
+    lacking = {path: fmt for path, fmt in found.formats.items() if fmt not in DALI_FORMATS}
+    if not lacking:
+        return found
+    val = [f"{path} ({lacking[path]})" for path, _ in found.splits.get("val", []) if path in lacking]
+    if val:
+        raise DatasetLayoutError(
+            f"data.backend=dali cannot decode {len(val)} validation images: {', '.join(val[:10])}; convert them to "
+            f"JPEG or PNG, or use data.backend torchvision"
+        )
+    splits = {split: [s for s in samples if s[0] not in lacking] for split, samples in found.splits.items()}
+    log.warning("data.backend=dali: %d training images in formats DALI cannot decode left out: %s", len(lacking),
+                ", ".join(f"{path} ({fmt})" for path, fmt in list(lacking.items())[:5]))
+    return Samples(found.classes, splits, found.left_out, found.source, {})
+
+
+def sample_fingerprint(samples: list[tuple[str, int]], split_dir: Path) -> dict:
+    """{count, crc32} of a split's sample list (paths relative to `split_dir`, labels): the epoch order is drawn
+    over it, so a resume over another list would repeat and miss images of the epoch in progress."""
+    text = "\n".join(f"{os.path.relpath(path, split_dir)}\t{label}" for path, label in samples)
+    return {"count": len(samples), "crc32": zlib.crc32(text.encode())}
+
+
+__all__ = ["DALI_FORMATS", "Samples", "load_samples", "sample_fingerprint", "without_formats_dali_lacks"]

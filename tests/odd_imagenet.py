@@ -75,6 +75,8 @@ def write_odd_copy(dst: Path, base: Path | None = None) -> dict[str, list[str]]:
     _png16(dst / c2 / "rgb16.png", rng.integers(0, 65536, (40, 50, 3), dtype=np.uint16))
     planted["convert"].append(f"{c2}/rgb16.png")
     planted["extension"].append(put(f"{c0}/png_named.JPEG", image=rgb, format="PNG"))
+    planted["extension"].append(put(f"{c1}/gif_named.JPEG", image=rgb.convert("P"), format="GIF"))
+    planted["not_for_dali"] = [f"{c1}/gif_named.JPEG"]  # DALI decodes no GIF: left out of its training samples
     # Read as ordinary 8-bit RGB JPEGs: nothing to report.
     put(f"{c1}/progressive.JPEG", image=rgb, format="JPEG", progressive=True)
     exif = Image.Exif()

@@ -54,6 +54,7 @@ def test_check_reports_each_planted_defect_by_path_and_writes_the_manifest(odd):
             assert rel in by_kind.get(kind, ""), (kind, rel, by_kind.get(kind))
     assert "gray16.png: 16-bit+gray" in by_kind["convert"] and "rgb16.png: 16-bit" in by_kind["convert"]
     assert "cmyk.JPEG: cmyk" in by_kind["convert"] and "png_named.JPEG: PNG content" in by_kind["extension"]
+    assert "gif_named.JPEG: GIF content" in by_kind["extension"]
     # Read as ordinary images: nothing said of them.
     assert "progressive" not in report and "exif_rotated" not in report
     assert "planted_defects" not in by_kind and "ILSVRC2012: 1281167" in report  # the counts against the real set
@@ -140,13 +141,15 @@ def test_unreadable_images_skipped_in_training_over_the_run_and_refused_in_valid
     shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".resnet-manifest*"))  # no manifest: read them
     dm = _datamodule(copy, run_dir=str(tmp_path / "run"), max_corrupt_train_images=3)
     dm.setup("fit")
-    labels = [int(y) for _, (_, ys) in zip(range(100), dm.train_dataloader()) for y in ys]
-    assert len(labels) == len(dm.train_set) // 8 * 8
+    labels = [dm.train_set[i][1] for i in range(len(dm.train_set))]  # every sample, the unreadable ones replaced
+    assert len(labels) == len(dm.train_set)
     skipped = (tmp_path / "run" / "skipped_images.txt").read_text()
     assert sorted({line.split("\t")[0] for line in skipped.splitlines()}) == sorted(
         str(copy / rel) for rel in planted["empty"] + planted["truncated"] + planted["corrupt"])
-    # The limit counts the whole run: a second epoch (or a restart, or another rank) adds no new paths; a lower
-    # limit stops at once, naming the files.
+    # The limit counts the whole run: a restart (or a second epoch, or another rank) meets the paths recorded so
+    # far; with a lower limit it stops at its first skip, naming the files.
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"x")  # a restart of the run: it resumes
     dm = _datamodule(copy, run_dir=str(tmp_path / "run"), max_corrupt_train_images=2)
     dm.setup("fit")
     with pytest.raises(CorruptImageError, match=r"3 unreadable training images in this run.*interrupted_copy"):
@@ -219,9 +222,14 @@ def test_each_backend_fits_and_validates_on_the_odd_copy_with_the_manifests_samp
                timeout=300)
     metrics = last_metrics(run_dir)
     assert metrics["val/images"] == len(planted["readable_val"])
-    steps = len(planted["readable_train"]) // 8  # whole batches of 8
-    assert metrics["step"] == steps - 1  # the CSV row of the epoch-end validation: the last step index
+    train = len(planted["readable_train"]) - (len(planted["not_for_dali"]) if backend == "dali" else 0)
+    assert metrics["step"] == train // 8 - 1  # whole batches of 8; the epoch-end validation's row: the last step
     assert not (run_dir / "skipped_images.txt").exists()  # the manifest left the unreadable ones out
+    # The same validation samples and labels, in the manifest's order (one rank reads its shard in order).
+    dm = _datamodule(root, backend=backend, dali_device="cpu", **({"ffcv_dir": str(beton)} if backend == "ffcv" else {}))
+    dm.setup("validate")
+    labels = [int(y) for _, ys in dm.val_dataloader() for y in ys]
+    assert labels == [label for _, label in find_manifest(root).samples("val")]
 
 
 def test_a_flat_val_folder_points_to_prepare_imagenet(odd, tmp_path):
@@ -249,3 +257,52 @@ def test_a_stray_class_folder_is_named_in_the_class_count_error(odd, tmp_path):
     model.trainer = type("T", (), {"datamodule": dm})()
     with pytest.raises(DatasetLayoutError, match=r"holds 7 class folders, among them \['backup of n90000001'\]"):
         model.setup("fit")
+
+
+def test_a_resume_over_another_sample_list_is_named(odd, caplog):
+    root, _ = odd
+    dm = _datamodule(root)
+    dm.setup("fit")
+    state = {"classes": dm.classes, "train_position": {"epoch": 1, "samples": 16, "world_size": 1, "batch_size": 8},
+             "train_samples": {**dm.state_dict()["train_samples"]}}
+    dm.load_state_dict(state)
+    assert "drawn over" not in caplog.text
+    state["train_samples"]["count"] += 3  # e.g. written before a manifest left 3 unreadable images out
+    dm.load_state_dict(state)
+    assert f"drawn over {state['train_samples']['count']} images, this run has {len(dm.train_set)}" in caplog.text
+
+
+def test_a_fresh_run_starts_its_skip_record_anew_a_resumed_one_keeps_it(odd, tmp_path):
+    root, _ = odd
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "skipped_images.txt").write_text("/old/run/bad.JPEG\tempty file (0 bytes)\n")
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    _datamodule(root, run_dir=str(run)).setup("fit")
+    assert (run / "skipped_images.txt").is_file()  # a resume: the run's skips so far count
+    (run / "checkpoints" / "last.ckpt").unlink()
+    _datamodule(root, run_dir=str(run)).setup("fit")
+    assert not (run / "skipped_images.txt").exists()  # a fresh run: an earlier run's skips do not
+
+
+def _rank_meets_a_fault(rank: int, root: str, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        _datamodule(Path(root), rank, 2, manifest=f"{out}/absent.json.gz").setup("fit")
+        message = "no error"
+    except DatasetLayoutError as e:
+        message = str(e)
+    Path(out, f"rank{rank}.txt").write_text(message)
+    dist.destroy_process_group()
+
+
+def test_a_fault_found_on_rank_0_is_raised_on_every_rank(odd, tmp_path):
+    root, _ = odd
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_rank_meets_a_fault, args=(str(root), port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):  # both ranks end with rank 0's error: none waits in the broadcast
+        assert "absent.json.gz: no such file" in (tmp_path / f"rank{rank}.txt").read_text()

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
@@ -16,7 +19,8 @@ from PIL import Image
 
 from datamodules import prepare
 from datamodules.folder import DatasetLayoutError, find_classes, scan_split
-from datamodules.prepare import DEVKIT, TRAIN_TAR, VAL_TAR, ChecksumError, prepare_imagenet
+from datamodules.prepare import DEVKIT, TRAIN_TAR, VAL_TAR, prepare_imagenet
+from datamodules.prepare_io import ChecksumError
 from tests.conftest import run_resnet
 
 # meta.mat's (ILSVRC2012_ID, WNID, num_children): ids 1-3 are deliberately not in sorted-wnid order, id 4 is a leaf
@@ -195,11 +199,13 @@ def test_rerun_writes_nothing_and_a_partial_dst_is_completed(source, tmp_path):
     assert {k: v for k, v in mtimes(dst, files_only=True).items() if k in kept} == kept  # the rest untouched
 
 
-# Copies 1-3 are class n01000003, 4-5 n02000001, 6-9 n03000002, then the val images.
-@pytest.mark.parametrize("stop_after, kept, folders", [(5, 3, ["train"]), (11, 10, ["train", "val"])],
-                         ids=["in-2nd-train-class", "at-2nd-val-image"])
+# Copies 1-3 are class n01000003, 4-5 n02000001, 6-9 n03000002, then the val images by batches of 2: 10-11, 12-13.
+@pytest.mark.parametrize("stop_after, kept, folders",
+                         [(5, 3, ["train"]), (11, 9, ["train"]), (13, 11, ["train", "val"])],
+                         ids=["in-2nd-train-class", "in-1st-val-batch", "in-2nd-val-batch"])
 def test_a_stopped_run_leaves_no_partial_file_or_class(tmp_path, monkeypatch, stop_after, kept, folders):
     src, dst = write_kaggle(tmp_path / "kaggle"), tmp_path / "imagenet"
+    monkeypatch.setattr(prepare, "VAL_BATCH", 2)
     copy, calls = prepare._copy, []
 
     def copy_then_stop(open_source, target):  # Ctrl-C with an image half-written
@@ -358,28 +364,77 @@ def test_matching_checksums_are_reported_and_verify_checksums_false_skips_them(o
     for name in (TRAIN_TAR, VAL_TAR, DEVKIT):
         monkeypatch.setitem(prepare.MD5, name, md5(official / name))
     prepare_imagenet(str(tmp_path / "checked"), src=str(official))
-    assert tree(tmp_path / "checked") == expected_tree()
+    assert tree(tmp_path / "checked") == {**expected_tree(), ".prepare_verified.json": ANY}
     assert [line for line in capsys.readouterr().out.splitlines() if "MD5" in line] == [
         f"{official / name}: checking MD5, 100% of 0.0 MB" for name in (DEVKIT, VAL_TAR, TRAIN_TAR)
     ]
 
 
+def test_a_rerun_does_not_hash_the_verified_files_again_until_one_changes(official, tmp_path, monkeypatch, capsys):
+    for name in (TRAIN_TAR, VAL_TAR, DEVKIT):
+        monkeypatch.setitem(prepare.MD5, name, md5(official / name))
+    dst = tmp_path / "imagenet"
+    record = dst / ".prepare_verified.json"
+    checked = [f"{official / name}: checking MD5, 100% of 0.0 MB" for name in (DEVKIT, VAL_TAR, TRAIN_TAR)]
+    before = [f"{official / name}: MD5 verified before ({record})" for name in (DEVKIT, VAL_TAR, TRAIN_TAR)]
+
+    def md5_lines():
+        return [line for line in capsys.readouterr().out.splitlines() if "MD5" in line]
+
+    def identity(name):
+        stat = (official / name).stat()
+        return {"path": str((official / name).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                "md5": md5(official / name)}
+
+    prepare_imagenet(str(dst), src=str(official))
+    assert md5_lines() == checked
+    assert json.loads(record.read_text()) == {name: identity(name) for name in (TRAIN_TAR, VAL_TAR, DEVKIT)}
+    assert sorted(p.name for p in dst.iterdir()) == [".prepare_verified.json", "train", "val"]  # no .part left
+    # The resume of a stopped copy: no file hashed again, the missing image written.
+    (dst / "val/n02000001/ILSVRC2012_val_00000003.JPEG").unlink()
+    assert prepare_imagenet(str(dst), src=str(official))["val_images_written"] == 1
+    assert md5_lines() == before
+    assert tree(dst) == {**expected_tree(), ".prepare_verified.json": record.read_bytes()}
+    # A touched train tar (another mtime, same size and bytes) is hashed again, and recorded with its new mtime.
+    mtime = (official / TRAIN_TAR).stat().st_mtime_ns
+    os.utime(official / TRAIN_TAR, ns=(mtime + 5 * 10**9, mtime + 5 * 10**9))
+    prepare_imagenet(str(dst), src=str(official))
+    assert md5_lines() == [*before[:2], checked[2]]
+    assert json.loads(record.read_text())[TRAIN_TAR]["mtime_ns"] == mtime + 5 * 10**9
+    prepare_imagenet(str(dst), src=str(official))
+    assert md5_lines() == before
+    # A digest recorded for other published MD5s is no match; neither is a damaged record.
+    monkeypatch.setitem(prepare.MD5, DEVKIT, PUBLISHED_MD5[DEVKIT])
+    with pytest.raises(ChecksumError, match=rf"the published {DEVKIT} has {PUBLISHED_MD5[DEVKIT]}"):
+        prepare_imagenet(str(dst), src=str(official))
+    assert md5_lines() == checked[:1]
+    monkeypatch.setitem(prepare.MD5, DEVKIT, md5(official / DEVKIT))
+    record.write_text("{")
+    prepare_imagenet(str(dst), src=str(official))
+    assert md5_lines() == checked
+    assert json.loads(record.read_text()) == {name: identity(name) for name in (TRAIN_TAR, VAL_TAR, DEVKIT)}
+
+
 def test_each_file_is_synced_whole_before_its_rename_and_the_folders_after(tmp_path, monkeypatch):
     src, dst = write_kaggle(tmp_path / "kaggle"), tmp_path / "imagenet"
-    fsync, synced = prepare._fsync, []
+    monkeypatch.setattr(prepare, "VAL_BATCH", 4)  # the 6 val images: a batch of 4, then one of 2
+    fsync, synced = prepare.fsync_path, []
 
-    def record(path):  # where the file is when it is synced, and what it holds
-        synced.append((str(path.relative_to(dst)), path.read_bytes() if path.is_file() else None))
+    def record(path):  # where the file is when it is synced, what it holds, how many val images have their name
+        renamed = sum(p.is_file() for p in (dst / "val").rglob("*"))
+        synced.append((str(path.relative_to(dst)), path.read_bytes() if path.is_file() else None, renamed))
         fsync(path)
 
-    monkeypatch.setattr(prepare, "_fsync", record)
+    monkeypatch.setattr(prepare, "fsync_path", record)
     prepare_imagenet(str(dst), src=str(src))
     # Every image synced whole under its temporary name (so before its rename): train/<wnid>/x, val/x.
-    files = {name: data for name, data in synced if data is not None}
+    files = {name: data for name, data, _ in synced if data is not None}
     assert files == {".prepare_tmp/" + (k if k.startswith("train/") else "val/" + k.rsplit("/", 1)[1]): v
                      for k, v in expected_tree().items()}
-    # A class folder synced before its rename, train/ after it; the val class folders after the renames into them.
-    assert [name for name, data in synced if data is None] == [
+    # By batch: the 4 images of the first all synced before any is renamed, the 2 of the second after those 4.
+    assert [renamed for name, _, renamed in synced if name.startswith(".prepare_tmp/val/")] == [0, 0, 0, 0, 4, 4]
+    # A class folder synced before its rename, train/ after it; the val class folders, then val/, after the renames.
+    assert [name for name, data, _ in synced if data is None] == [
         ".prepare_tmp/train/n01000003", "train", ".prepare_tmp/train/n02000001", "train",
-        ".prepare_tmp/train/n03000002", "train", "val/n01000003", "val/n02000001", "val/n03000002",
+        ".prepare_tmp/train/n03000002", "train", "val/n01000003", "val/n02000001", "val/n03000002", "val",
     ]

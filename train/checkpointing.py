@@ -285,6 +285,7 @@ class RequeueOnSignal(Callback):
         if stage != "fit":
             return
         self._active, self._training, self._world_size = True, False, trainer.world_size
+        self._flags = [False, False]  # an earlier fit's in this process (a benchmark loop, a notebook) are over
         # Installed before the Trainer installs its handlers (which then leaves SIGUSR1 to this one), and before
         # any loader worker starts (datamodules ignore both signals in workers: the main process decides).
         if SLURMEnvironment.detect():  # SIGUSR1 means "requeue" only in a SLURM job

@@ -62,8 +62,11 @@ def install_startup_handlers() -> None:
 def startup_signals() -> list[int]:
     """The signals the start-up handler received. Its exception can be lost: a handler that runs while Python
     executes a finalizer (garbage collection during the imports) has its exception printed and dropped, and the
-    command would go on to train. RequeueOnSignal acts on these at set-up."""
-    return list(_received)
+    command would go on to train. RequeueOnSignal acts on these at set-up. Read once: a later fit in the same
+    process (a benchmark loop, a notebook) starts without them."""
+    received = list(_received)
+    _received.clear()
+    return received
 
 
 def is_startup_handler(handler) -> bool:
