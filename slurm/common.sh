@@ -20,9 +20,12 @@ srun_opts=()
 # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): without this, clusters that bind tasks to
 # CPUs pin each rank and all its loader workers to one core.
 [[ -z ${SLURM_CPUS_PER_TASK:-} ]] || export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
+# Where `resnet prepare check` puts the manifest of a read-only data root (datamodules/manifest.py): mounted into
+# containers, so a job finds the manifest written on the login node (rank 0 reads it and sends it to the others).
+export RESNET_CACHE="${RESNET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/resnet-imagenet}"
 resnet_srun() {
     local -a srun=(srun --kill-on-bad-exit=1 "${srun_opts[@]}")
-    mkdir -p "$RESNET_OUTPUT"
+    mkdir -p "$RESNET_OUTPUT" "$RESNET_CACHE"
     case "$RESNET_CONTAINER" in
         "")
             local resnet="$RESNET_VENV/bin/resnet"
@@ -32,11 +35,11 @@ resnet_srun() {
             ;;
         *.sif)
             "${srun[@]}" apptainer exec --nv --pwd "$RESNET_REPO" \
-                --bind "$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT,$RESNET_REPO" "$RESNET_CONTAINER" resnet "$@"
+                --bind "$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT,$RESNET_REPO,$RESNET_CACHE" "$RESNET_CONTAINER" resnet "$@"
             ;;
         *)
             "${srun[@]}" --container-image="$RESNET_CONTAINER" --container-workdir="$RESNET_REPO" \
-                --container-mounts="$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT:$RESNET_OUTPUT,$RESNET_REPO:$RESNET_REPO" \
+                --container-mounts="$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT:$RESNET_OUTPUT,$RESNET_REPO:$RESNET_REPO,$RESNET_CACHE:$RESNET_CACHE" \
                 resnet "$@"
             ;;
     esac
