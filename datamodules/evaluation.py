@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from datamodules.folder import DatasetLayoutError, ImageFolderDataset, find_classes, scan_split
+from datamodules.folder import DatasetLayoutError, ImageFolderDataset, WorkerSafeLoader, find_classes, scan_split
 from datamodules.imagenet import EvalShardBatchSampler, default_num_workers, per_device_batch_size, trainer_world
 from datamodules.transforms import EvalViews
 
@@ -105,7 +105,7 @@ class EvalDataModule(pl.LightningDataModule):
         rank, world = trainer_world(self.trainer)
         batches = EvalShardBatchSampler(len(self.dataset), per_device_batch_size(self.batch_size, world), rank, world)
         workers = default_num_workers(self.num_workers)
-        return DataLoader(
+        return WorkerSafeLoader(
             _WithIndex(self.dataset),
             batch_sampler=batches,
             collate_fn=collate_views,

@@ -4,9 +4,11 @@ loader."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
@@ -234,7 +236,31 @@ class _OrderBatches(Sampler[list[tuple[int, int]]]):
         return self.order.batches_per_epoch
 
 
-class TrainLoader(DataLoader):
+@contextlib.contextmanager
+def job_signals_blocked(active: bool = True):
+    """SIGTERM and SIGUSR1 held back in this thread for the block (delivered at its end). Loader workers forked in
+    it start with both blocked: SLURM signals every process of a job step, and a worker that met SIGTERM before its
+    init function (init_loader_worker) set its own handling would die of it, under torch's worker handler, which
+    re-raises a SIGTERM not sent by the parent (seen: preemption as a training pass started its workers)."""
+    if not active:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class WorkerSafeLoader(DataLoader):
+    """A DataLoader whose worker processes start with the job signals blocked (`job_signals_blocked`)."""
+
+    def __iter__(self):
+        with job_signals_blocked(self.num_workers > 0):
+            return super().__iter__()
+
+
+class TrainLoader(WorkerSafeLoader):
     """The torchvision backend's training DataLoader, resumable mid-epoch:
     - a pass starts when its first batch is requested: Lightning creates the training iterator before it calls
       `set_epoch` when it resumes, and a DataLoader with workers would have drawn its first indices from the stale
@@ -251,7 +277,7 @@ class TrainLoader(DataLoader):
         return self._pass()
 
     def _pass(self):
-        for batch in super().__iter__():
+        for batch in super().__iter__():  # workers forked with the job signals blocked
             self.order.batches_read()
             yield batch
 

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -17,12 +18,11 @@ import lightning.pytorch as pl
 from lightning.fabric.utilities.seed import pl_worker_init_function
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from datamodules.order import EpochOrder, TrainPosition
-from datamodules.folder import DatasetLayoutError, ImageFolderDataset, SkippedImages, TrainLoader
-from datamodules.samples import load_samples, sample_fingerprint, without_formats_dali_lacks
+from datamodules.folder import DatasetLayoutError, ImageFolderDataset, SkippedImages, TrainLoader, WorkerSafeLoader
+from datamodules.samples import gather_objects, load_samples, sample_fingerprint, without_formats_dali_lacks
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, train_transform, val_transform
 
 log = logging.getLogger(__name__)
@@ -105,15 +105,6 @@ def equal_count_batch_size(num_samples: int, world_size: int, batch_size: int) -
         if math.ceil(small / b) == math.ceil(large / b):
             return b
     return 1
-
-
-def _gather_objects(obj, rank: int) -> dict[int, object]:
-    """{rank: obj} of every rank (a collective: all ranks call it), or {rank: obj} without a process group."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return {rank: obj}
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return dict(enumerate(gathered))
 
 
 @dataclass
@@ -265,6 +256,13 @@ class ImageNetDataModule(pl.LightningDataModule):
                 skipped=SkippedImages(self._skip_file(), hp.max_corrupt_train_images),
                 seed=hp.seed,
             )
+            rank, world = self._world()
+            if world > 1:  # where each rank runs and what it reads: the first thing to look at when a launch is off
+                shard = -(-len(self.train_set) // world) // self.per_device_batch_size * self.per_device_batch_size
+                node, local = getattr(self.trainer, "node_rank", 0), getattr(self.trainer, "local_rank", 0)
+                host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+                print(f"rank {rank}/{world} (node rank {node}, local rank {local}, host {host}): {shard} of "
+                      f"{len(self.train_set)} training images an epoch", flush=True)
         if stage in ("fit", "validate"):
             self.val_set = ImageFolderDataset(
                 found.splits["val"],
@@ -288,7 +286,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         workers = default_num_workers(self.hparams.num_workers)
         if order is not None:
             kwargs = {"order": order, **kwargs}
-        return (TrainLoader if order is not None else DataLoader)(
+        return (TrainLoader if order is not None else WorkerSafeLoader)(
             dataset,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
@@ -358,7 +356,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         if self._train_fingerprint is not None:
             state["train_samples"] = self._train_fingerprint
         if self._dali_train is not None:  # every rank's pipeline state: Lightning writes rank 0's checkpoint only
-            pipelines = _gather_objects(self._dali_train.pipeline_state(), self._world()[0])
+            pipelines = gather_objects(self._dali_train.pipeline_state(), self._world()[0])
             state["dali_pipelines"] = {rank: p for rank, p in pipelines.items() if p is not None}
         return state
 

@@ -131,4 +131,13 @@ def sample_fingerprint(samples: list[tuple[str, int]], split_dir: Path) -> dict:
     return {"count": len(samples), "crc32": zlib.crc32(text.encode())}
 
 
-__all__ = ["DALI_FORMATS", "Samples", "load_samples", "sample_fingerprint", "without_formats_dali_lacks"]
+def gather_objects(obj, rank: int) -> dict[int, object]:
+    """{rank: obj} of every rank (a collective: all ranks call it), or {rank: obj} without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {rank: obj}
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return dict(enumerate(gathered))
+
+
+__all__ = ["DALI_FORMATS", "Samples", "gather_objects", "load_samples", "sample_fingerprint", "without_formats_dali_lacks"]

@@ -55,6 +55,22 @@ check_world_args() {
         esac
     done
     [[ -n ${SLURM_NTASKS_PER_NODE:-} ]] || die "submit with --ntasks-per-node (one task per GPU), not --ntasks"
+    # One task per GPU: Lightning gives each task (local rank) one GPU of the node.
+    local tasks=${SLURM_NTASKS_PER_NODE%%(*} gpus=${SLURM_GPUS_PER_NODE:-0}
+    gpus=${gpus##*:}
+    if [[ $gpus =~ ^[0-9]+$ ]] && ((gpus > 0 && gpus != tasks)); then
+        die "--ntasks-per-node=$tasks but --gpus-per-node=$gpus: one task per GPU; submit with --ntasks-per-node=$gpus"
+    fi
+    # The first node is torch's rendezvous (MASTER_ADDR): every node must resolve every node name.
+    local nodes node
+    if nodes=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-}" 2>/dev/null); then
+        for node in $nodes; do
+            getent hosts "$node" >/dev/null ||
+                die "node $node of the allocation does not resolve on $(hostname) (getent hosts $node): the ranks" \
+                    "could not reach each other; fix the cluster's name resolution (DNS or /etc/hosts) or exclude it" \
+                    "(sbatch --exclude=$node)"
+        done
+    fi
 }
 
 # resnet_fit RECIPE [resnet fit options...]: train configs/RECIPE.yaml in $RESNET_OUTPUT/RECIPE-<job id>/.

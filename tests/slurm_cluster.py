@@ -1,6 +1,12 @@
-"""A real one-node SLURM cluster for the tests: Debian's munge and slurm-wlm daemons, started from a generated
-configuration in a private folder and stopped afterwards. Nothing under /etc is changed: clients find the cluster
-through SLURM_CONF, and munge runs on its own socket and key."""
+"""A real SLURM cluster for the tests: Debian's munge and slurm-wlm daemons, started from a generated configuration
+in a private folder and stopped afterwards. Nothing under /etc is changed: clients find the cluster through
+SLURM_CONF, and munge runs on its own socket and key.
+
+One node is this machine under its own name. Several nodes (`nodes=2` or 3) are several slurmd daemons side by
+side (`slurmd -N nodeI`, each with its own port, spool, pid and log: `%n` in slurm.conf), each started in a private
+mount namespace (`unshare --mount`) where a bind-mounted /etc/hosts maps node1, node2, ... to 127.0.1.1, 127.0.1.2,
+... and where `cluster.local` (the same path on every node, as /local or $TMPDIR on a real cluster) is that node's
+own scratch folder. Job processes inherit their node's namespace; the machine's own files are untouched."""
 
 from __future__ import annotations
 
@@ -28,17 +34,28 @@ def free_port() -> int:
 
 
 class SlurmCluster:
-    """`with SlurmCluster(folder) as cluster:` one node (this machine; `cpus` CPUs, default all it has), partitions
-    `debug` (the default), `preemptible` and `urgent` (whose jobs preempt those of `preemptible`).
-    `cluster.env` is the environment for sbatch/scontrol/squeue."""
+    """`with SlurmCluster(folder) as cluster:` one node (this machine; `cpus` CPUs, default all it has) or `nodes`
+    nodes (node1, node2, ...: `cpus` each), partitions `debug` (the default), `preemptible` and `urgent` (whose jobs
+    preempt those of `preemptible`). `cluster.env` is the environment for sbatch/scontrol/squeue."""
 
-    def __init__(self, folder: Path, cpus: int | None = None):
+    def __init__(self, folder: Path, cpus: int | None = None, nodes: int = 1):
         self.dir = Path(folder)
         self.cpus = cpus or os.cpu_count() or 1
         self.host = socket.gethostname()
+        self.names = [self.host] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
+        self.addrs = ["127.0.0.1"] if nodes == 1 else [f"127.0.1.{i}" for i in range(1, nodes + 1)]
+        self.local = self.dir / "local"  # node-local scratch: each node sees its own folder here
         self.procs: list[subprocess.Popen] = []
+        self.slurmd: dict[str, subprocess.Popen] = {}
 
     def __enter__(self) -> "SlurmCluster":
+        try:
+            return self._start_cluster()
+        except BaseException:
+            self.__exit__()  # a cluster that did not come up leaves no daemon behind
+            raise
+
+    def _start_cluster(self) -> "SlurmCluster":
         if os.geteuid() != 0:
             raise RuntimeError("the SLURM test cluster needs root (slurmd starts jobs as their user)")
         if missing := missing_programs():
@@ -65,14 +82,65 @@ class SlurmCluster:
         self._wait_for(lambda: self.socket.exists(), "munged's socket", mdir / "munged.log")
         conf = self.write_conf()
         self.env = {**os.environ, "SLURM_CONF": str(conf)}
-        self._start(["slurmctld", "-D", "-i", "-f", str(conf)], "slurmctld")
-        self._start(["slurmd", "-D", "-f", str(conf), "-N", self.host], "slurmd")
-        self._wait_for(self._node_idle, "the node to be idle", self.dir / "slurmd.log")
+        self._start(self._in_namespace(["slurmctld", "-D", "-i", "-f", str(conf)]), "slurmctld")
+        for name in self.names:
+            self.start_node(name)
+        self._wait_for(self._nodes_idle, "the nodes to be idle", self.dir / f"slurmd-{self.names[-1]}.log")
         return self
 
+    def _in_namespace(self, cmd: list[str], node: str | None = None) -> list[str]:
+        """`cmd` in a private mount namespace with the cluster's /etc/hosts (and `node`'s scratch at self.local);
+        as it is with one node, which is this machine under its own name."""
+        if len(self.names) == 1:
+            return cmd
+        mounts = [f"mount --bind {self.dir / 'hosts'} /etc/hosts"]
+        if node is not None:
+            scratch = self.dir / "nodes" / node / "local"
+            scratch.mkdir(parents=True, exist_ok=True)
+            mounts.append(f"mount --bind {scratch} {self.local}")
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                " && ".join(mounts) + ' && exec "$@"', "node-namespace", *cmd]
+
+    def start_node(self, name: str) -> None:
+        """Starts (or restarts, after `stop_node`) the slurmd of node `name`."""
+        self.slurmd[name] = self._start(
+            self._in_namespace(["slurmd", "-D", "-f", str(self.dir / "slurm.conf"), "-N", name], name),
+            f"slurmd-{name}", {"RESNET_TEST_NODE": name})
+
+    def node_processes(self, name: str) -> list[int]:
+        """The pids of everything running on node `name`: its slurmd and slurmstepd (RESNET_TEST_NODE, set when
+        started) and the job processes they started (SLURMD_NODENAME)."""
+        marks = (f"RESNET_TEST_NODE={name}".encode(), f"SLURMD_NODENAME={name}".encode())
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                try:
+                    environ = (entry / "environ").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if any(mark in environ for mark in marks):
+                    pids.append(int(entry.name))
+        return pids
+
+    def signal_node(self, name: str, signum: int) -> None:
+        """`signum` to every process of node `name` at once: SIGSTOP makes it a node that stops answering (a lost
+        network, a hung kernel: peers' connections hang, no process exits), SIGKILL then powers it off."""
+        for pid in self.node_processes(name):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
     def write_conf(self) -> Path:
-        for sub in ("state", "spool"):
-            (self.dir / sub).mkdir(exist_ok=True)
+        for sub in ("state", *(f"spool/{name}" for name in self.names)):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        if len(self.names) > 1:
+            self.local.mkdir(exist_ok=True)
+            own = Path("/etc/hosts").read_text()
+            (self.dir / "hosts").write_text(own + "".join(f"{a} {n}\n" for a, n in zip(self.addrs, self.names)))
+        node_lines = [f"NodeName={n} NodeAddr={a} CPUs={self.cpus} State=UNKNOWN"
+                      + (f" Port={free_port()}" if len(self.names) > 1 else "")
+                      for n, a in zip(self.names, self.addrs)]
         conf = self.dir / "slurm.conf"
         conf.write_text(
             "\n".join(
@@ -87,11 +155,11 @@ class SlurmCluster:
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     f"StateSaveLocation={self.dir / 'state'}",
-                    f"SlurmdSpoolDir={self.dir / 'spool'}",
+                    f"SlurmdSpoolDir={self.dir / 'spool' / '%n'}",
                     f"SlurmctldPidFile={self.dir / 'slurmctld.pid'}",
-                    f"SlurmdPidFile={self.dir / 'slurmd.pid'}",
+                    f"SlurmdPidFile={self.dir / 'slurmd-%n.pid'}",
                     f"SlurmctldLogFile={self.dir / 'slurmctld.log'}",
-                    f"SlurmdLogFile={self.dir / 'slurmd.log'}",
+                    f"SlurmdLogFile={self.dir / 'slurmd-%n.log'}",
                     # cgroup plugins do not fit a container; these track processes by parentage.
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
@@ -108,7 +176,9 @@ class SlurmCluster:
                     "AccountingStorageType=accounting_storage/none",
                     # More CPUs than the machine has may be configured (two 2-task jobs side by side on 2 cores).
                     "SlurmdParameters=config_overrides",
-                    f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN",
+                    # A lost node is noticed within SlurmdTimeout (default 300 s) and its batch jobs requeued.
+                    "SlurmdTimeout=10",
+                    *node_lines,
                     # Preemption as clusters set it up: a job of `urgent` (higher PriorityTier) takes the CPUs of
                     # `preemptible` jobs, which get SIGTERM, GraceTime seconds to save, then SIGKILL, and are requeued.
                     "PreemptType=preempt/partition_prio",
@@ -123,9 +193,12 @@ class SlurmCluster:
         )
         return conf
 
-    def _start(self, cmd: list[str], name: str) -> None:
-        log = open(self.dir / f"{name}.stdout", "wb")
-        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    def _start(self, cmd: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.dir / f"{name}.stdout", "ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **(env or {})})
+        self.procs.append(proc)
+        return proc
 
     def _wait_for(self, ready, what: str, log: Path, timeout: float = 60) -> None:
         end = time.monotonic() + timeout
@@ -139,9 +212,14 @@ class SlurmCluster:
         tail = log.read_text()[-3000:] if log.exists() else "(no log)"
         raise RuntimeError(f"SLURM test cluster: timed out waiting for {what}; {log}:\n{tail}")
 
-    def _node_idle(self) -> bool:
-        out = self.run("sinfo", "-h", "-o", "%t", check=False).stdout.strip()
-        return out == "idle"
+    def _nodes_idle(self) -> bool:
+        lines = self.run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.splitlines()
+        states = dict(line.split() for line in lines if line.strip())  # a line per node and partition
+        return sorted(states) == sorted(self.names) and set(states.values()) == {"idle"}
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until every node is idle (e.g. a restarted one back in service)."""
+        self._wait_for(self._nodes_idle, "the nodes to be idle", self.dir / "slurmctld.log", timeout)
 
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.run_env(self.env, *cmd, check=check)

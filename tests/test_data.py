@@ -123,3 +123,43 @@ def test_val_transform_geometry(demo_root):
     out = val_transform(crop_size=32, resize_size=36)(image)
     assert out.shape == (3, 32, 32)
     assert normalize_batch(out[None]).abs().max() < 3
+
+
+def _slow_start_worker(worker_id: int) -> None:
+    """init_loader_worker, late: the job signals reach the worker before it sets its own handling."""
+    import time
+
+    from datamodules.imagenet import init_loader_worker
+
+    time.sleep(1.0)
+    init_loader_worker(worker_id)
+
+
+def test_loader_workers_survive_job_signals_sent_while_they_start():
+    """SLURM signals every process of a step: a SIGTERM or SIGUSR1 that reaches a worker before its init function
+    ran killed it ("DataLoader worker killed by signal: Terminated", seen at a preemption on the 2-node cluster)."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from datamodules.folder import WorkerSafeLoader
+
+    loader = WorkerSafeLoader(list(range(8)), batch_size=4, num_workers=2, worker_init_fn=_slow_start_worker)
+    batches = iter(loader)
+    deadline = time.monotonic() + 10
+    workers: list[int] = []
+    while len(workers) < 2 and time.monotonic() < deadline:
+        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == os.getpid()]
+    assert len(workers) == 2
+    for pid in workers:  # before their init function (it sleeps 1 s first), from another process, as slurmstepd
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+        subprocess.run(["kill", "-USR1", str(pid)], check=True)
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def _parent(proc) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1

@@ -1,8 +1,9 @@
-"""The SLURM scripts on a real one-node cluster (tests/slurm_cluster.py): `sbatch slurm/imagenet_r152.sh` with CPU
-overrides (2 tasks, gloo, the small demo set, ResNet-18 at 32 px) interrupted three ways (SIGUSR1 before a time
-limit, preemption by a job of a higher-priority partition, a rank killed with SIGKILL), resumed each time into the
-same run directory and W&B run, ending at the same weights as an uninterrupted job; then evaluated; and
-`slurm/chain.sh` (train -> evaluate -> ensemble)."""
+"""The SLURM scripts on a real two-node cluster (tests/slurm_cluster.py: node1 and node2 on this machine):
+`sbatch slurm/imagenet_r152.sh` with CPU overrides (a task on each node, gloo, the small demo set, ResNet-18 at
+32 px) interrupted three ways (SIGUSR1 before a time limit to the ranks of both nodes, preemption by a job of a
+higher-priority partition, a lost node), requeued by SLURM and resumed each time into the same run directory and W&B
+run, ending at the same weights as an uninterrupted job; and `slurm/chain.sh` (train -> 10-crop evaluation -> ensemble)
+on 2 nodes."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from tests.slurm_cluster import SlurmCluster
 
 pytestmark = pytest.mark.slow
 
-# What differs from the ImageNet recipes on a 2-core machine without a GPU.
-SBATCH_CPU = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
+# What differs from the ImageNet recipes on a 2-core machine without a GPU: a task on each of the two nodes.
+SBATCH_CPU = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
 FIT_CPU = [
     "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
     "--model.arch", "resnet18", "--model.num_classes", "6", "--model.channels_last", "false",
@@ -42,7 +43,9 @@ def cluster():
     # munged must reach its socket through every parent folder: not under pytest's private tmp folders.
     folder = Path(tempfile.mkdtemp(prefix="resnet-slurm-", dir="/tmp"))
     folder.chmod(0o755)
-    with SlurmCluster(folder, cpus=4) as c:  # 4 on 2 cores: a reference job beside the interrupted one
+    # 3 CPUs a node on 2 cores: the reference job's 2 tasks and the interrupted job's first fill node1; an urgent
+    # job asking for node2's 3 preempts the interrupted job there.
+    with SlurmCluster(folder, cpus=3, nodes=2) as c:
         yield c
 
 
@@ -56,6 +59,9 @@ def job_env(cluster, demo_root, tmp_path) -> dict[str, str]:
         RESNET_VENV=str(Path(sys.executable).parent.parent),
         HOME=str(tmp_path / "home"),  # no ~/.netrc W&B login: offline
         PYTHONWARNINGS="ignore",
+        # One intra-op thread a rank everywhere: Lightning gives a CPU rank cores / ranks-on-its-node threads, and
+        # a conv's sums depend on the thread count (2 ranks on one node would not match 2 ranks on two).
+        OMP_NUM_THREADS="1",
     )
     return env
 
@@ -106,64 +112,62 @@ def wait_for_log(cluster, job: str, log: Path, pattern: str, timeout: float = 24
     raise AssertionError(f"job {job}: no {pattern!r} in {log} after {timeout} s:\n{read_log(log)[-3000:]}")
 
 
-def rank_process(job: str, rank: int) -> int:
-    """PID of `resnet fit` rank `rank` of a job (not one of its loader workers, which share its environment)."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            env = dict(v.split("=", 1) for v in (proc / "environ").read_text().split("\0") if "=" in v)
-            cmd = (proc / "cmdline").read_text()
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError):
-            continue
-        if env.get("SLURM_JOB_ID") == job and env.get("SLURM_PROCID") == str(rank) and "resnet" in cmd and " fit" in cmd.replace("\0", " "):
-            found[int(proc.name)] = parent
-    return next(pid for pid, parent in found.items() if parent not in found)
-
-
 def final_state(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
 
 
 def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(cluster, job_env, tmp_path):
     out = Path(job_env["RESNET_OUTPUT"])
-    # 20 epochs x 9 steps (~40 s of training on 2 cores): time for three interruptions.
-    fit = [*FIT_CPU, "--trainer.max_epochs", "20", "--data.num_workers", "1"]
+    # 10 epochs x 9 steps: the three interruptions come in the first two.
+    fit = [*FIT_CPU, "--trainer.max_epochs", "10", "--data.num_workers", "1"]
     reference_log, log = tmp_path / "reference.log", tmp_path / "train.log"
-    reference = sbatch(cluster, job_env, *SBATCH_CPU, f"--output={reference_log}", "slurm/imagenet_r152.sh", *fit)
+    # The same world (2 ranks) on node1 alone: it stays up when node2 is lost. Gloo's all-reduce of 2 ranks sums
+    # alike on one node or two: the weights must match bit for bit.
+    reference = sbatch(cluster, job_env, *SBATCH_CPU, "--nodes=1", "--ntasks-per-node=2", "--nodelist=node1",
+                       f"--output={reference_log}", "slurm/imagenet_r152.sh", *fit)
     # One loader worker per rank: SLURM signals every process of the step, workers included. Periodic checkpoints
-    # every 1.2 s: the third interruption (a killed rank) resumes from one.
+    # every 3 s: the third interruption (a lost node) resumes from one.
     job = sbatch(cluster, job_env, *SBATCH_CPU, "--partition=preemptible", f"--output={log}", "slurm/imagenet_r152.sh",
-                 *fit, "--requeue.checkpoint_every_minutes", "0.02")
+                 *fit, "--requeue.checkpoint_every_minutes", "0.05")
     run = out / f"imagenet_r152-{job}"
 
-    # 1. SIGUSR1 (SLURM's warning before the time limit), once training has stepped: save, requeue, resume.
+    # 1. SIGUSR1 (SLURM's warning before the time limit) to the ranks on both nodes, once training has stepped:
+    # saved once, requeued, resumed on both nodes at the same step.
     wait_for_log(cluster, job, run / "logs" / "version_0" / "metrics.csv", r"train/loss")
     cluster.run("scancel", "--signal=USR1", job)
     first = wait_for_log(cluster, job, log, r"Signal SIGUSR1: saved (\S+) at global step (\d+)")
     resumed = wait_for_log(cluster, job, log, r"Resumed from (\S+) at global step (\d+), epoch \d+ \(SLURM job (\d+), restart 1\)")
     assert first.group(1) == resumed.group(1) == str(run / "hpc_ckpt_1.ckpt") and first.group(2) == resumed.group(2)
     assert resumed.group(3) == job and int(first.group(2)) > 0
+    assert len(re.findall(r"Signal SIGUSR1: saved", read_log(log))) == 1
 
     # 2. Preemption: a job of the `urgent` partition needs the CPUs; SLURM sends SIGTERM (GraceTime 20 s), the ranks
     # save and exit 143, the job script waits to be stopped, SLURM requeues the job and starts it again once the urgent
     # job is done.
-    urgent = sbatch(cluster, job_env, "--partition=urgent", "--ntasks=2", "--cpus-per-task=1", "--time=5",
-                    f"--output={tmp_path / 'urgent.log'}", "--wrap", "sleep 2")
+    urgent = sbatch(cluster, job_env, "--partition=urgent", "--nodelist=node2", "--ntasks=3", "--cpus-per-task=1",
+                    "--time=5", f"--output={tmp_path / 'urgent.log'}", "--wrap", "sleep 2")
     preempted = wait_for_log(cluster, job, log, r"Signal SIGTERM: saved (\S+) at global step (\d+)")
     wait_for(cluster, urgent, {"COMPLETED"}, timeout=120)
     again = wait_for_log(cluster, job, log, r"Resumed from (\S+) at global step (\d+), epoch \d+ \(SLURM job \d+, restart 2\)")
     assert again.groups() == preempted.groups() and again.group(1) == str(run / "hpc_ckpt_2.ckpt")
 
-    # 3. No signal at all: rank 1 killed (SIGKILL, as the OOM killer or a lost node does) after a periodic
-    # checkpoint. The job fails; requeued by hand (`scontrol requeue`), it resumes from that checkpoint.
-    periodic = wait_for_log(cluster, job, log, r"restart 2\)[\s\S]*Periodic checkpoint (\S+) at global step (\d+)")
-    os.kill(rank_process(job, 1), signal.SIGKILL)
-    wait_for(cluster, job, {"FAILED"}, timeout=120)
-    cluster.run("scontrol", "requeue", job)
+    # 3. No signal at all: node2 lost after a periodic checkpoint. It stops answering (every process on it frozen:
+    # the peers' connections hang, as when a node's network goes); SLURM marks it down after SlurmdTimeout and
+    # requeues the job (NODE_FAIL). Powered off, then back: the job resumes on both nodes from the newest checkpoint,
+    # losing at most the steps since the periodic one.
+    wait_for_log(cluster, job, log, r"restart 2\)[\s\S]*Periodic checkpoint (\S+) at global step (\d+)")
+    cluster.signal_node("node2", signal.SIGSTOP)
+    wait_for(cluster, job, {"PENDING", "REQUEUED"}, timeout=120)
+    assert f"requeue job JobId={job} due to failure of node node2" in read_log(cluster.dir / "slurmctld.log")
+    cluster.signal_node("node2", signal.SIGKILL)
+    cluster.slurmd["node2"].wait(timeout=30)
+    cluster.start_node("node2")
     third = wait_for_log(cluster, job, log, r"Resumed from (\S+) at global step (\d+), epoch \d+ \(SLURM job \d+, restart 3\)")
-    assert third.group(1) == periodic.group(1) == str(run / "checkpoints" / "periodic.ckpt")
-    assert int(third.group(2)) >= int(periodic.group(2)) > int(again.group(2))  # the newest of its checkpoints
+    # The newest checkpoint: the last periodic one, or an epoch-end last.ckpt written after it.
+    assert third.group(1) in (str(run / "checkpoints" / "periodic.ckpt"), str(run / "checkpoints" / "last.ckpt"))
+    lost = read_log(log).split("restart 2)")[-1].split("restart 3)")[0]
+    last_periodic = re.findall(r"Periodic checkpoint \S+ at global step (\d+)", lost)[-1]
+    assert int(third.group(2)) >= int(last_periodic) > int(again.group(2))  # at most the steps since it lost
 
     info = wait_for(cluster, job, {"COMPLETED"}, timeout=300, release=True)
     wait_for(cluster, reference, {"COMPLETED"}, timeout=300)
@@ -171,11 +175,13 @@ def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(clu
     assert info["Restarts"] == "3", text[-3000:]
     assert f"the job script requeues the job ({run}/requeue.request)" in text
     assert "Traceback" not in text.split("restart 3)")[-1], text[-3000:]
+    # Two nodes each time: node rank 0 and 1, one task each (world size 2).
+    assert {"node1", "node2"} <= set(re.findall(r"host (node\d)", text)), text[-3000:]
 
     # The same run: every step trained once, on the batches of the uninterrupted job, to bit-identical weights and
     # SGD momentum (2 ranks, gloo, loader workers, three interruptions).
     a, b = final_state(out / f"imagenet_r152-{reference}"), final_state(run)
-    assert a["global_step"] == b["global_step"] == 20 * 9 and b["epoch"] == 19
+    assert a["global_step"] == b["global_step"] == 10 * 9 and b["epoch"] == 9
     assert [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])] == []
     sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
     assert all(torch.equal(sa[i]["momentum_buffer"], sb[i]["momentum_buffer"]) for i in sa)
@@ -190,25 +196,18 @@ def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(clu
     assert all(seg.name.endswith(f"-{run_id}") and (seg / f"run-{run_id}.wandb").stat().st_size > 0 for seg in segments)
     assert job in run_id
 
-    # The checkpoint evaluates (10-crop) in a job of its own.
-    evaluation = sbatch(cluster, job_env, *SBATCH_CPU, f"--output={tmp_path / 'eval.log'}", "slurm/eval_10crop.sh",
-                        str(run / "checkpoints" / "best.ckpt"), "10crop", *EVAL_CPU)
-    wait_for(cluster, evaluation, {"COMPLETED"}, timeout=180)
-    result = json.loads((run / "eval" / "10crop.json").read_text())
-    assert result["protocol"] == "10crop" and result["images"] == 30, result
-    assert 0.0 <= result["top1_err"] <= 100.0
-
 
 def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
     env = {
         **job_env,
         "RESNET_WANDB": "0",
-        "RESNET_EVAL_PROTOCOL": "center",
+        "RESNET_EVAL_PROTOCOL": "10crop",
+        # 2 nodes x 1 task (2 x 2 hung once in a 10-crop evaluation: see the issue-13 note).
         "RESNET_SBATCH_OPTS": " ".join([*SBATCH_CPU, f"--output={tmp_path}/%x-%j.log"]),
     }
     proc = cluster.run_env(env, str(REPO / "slurm/chain.sh"), "imagenet_r50", "imagenet_r101", "--", *FIT_CPU,
                            "--trainer.max_epochs", "1")
-    jobs = re.findall(r"(imagenet_r\d+): training job (\d+) .*, center evaluation job (\d+)", proc.stdout)
+    jobs = re.findall(r"(imagenet_r\d+): training job (\d+) .*, 10crop evaluation job (\d+)", proc.stdout)
     ensemble = re.search(r"ensemble job (\d+): (\S+)", proc.stdout)
     assert len(jobs) == 2 and ensemble, proc.stdout + proc.stderr
     # Submitted at once, each waiting on its inputs: the trainings take longer than this check.
@@ -220,8 +219,13 @@ def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
     for recipe, train, evaluation in jobs:
         for j in (train, evaluation):
             assert cluster.job(j)["JobState"] == "COMPLETED", logs[-3000:]
-        result = json.loads((Path(env["RESNET_OUTPUT"]) / f"{recipe}-{train}" / "eval" / "center.json").read_text())
-        assert result["images"] == 30
+        result = json.loads((Path(env["RESNET_OUTPUT"]) / f"{recipe}-{train}" / "eval" / "10crop.json").read_text())
+        assert result["protocol"] == "10crop" and result["images"] == 30  # every val image once over the 2 nodes
+        assert 0.0 <= result["top1_err"] <= 100.0
+        # Global ranks, node ranks and local ranks as the allocation lays them out, equal training shards.
+        ranks = set(re.findall(r"rank (\d)/2 \(node rank (\d), local rank (\d), host (node\d)\): 36 of 72 training",
+                               read_log(tmp_path / f"{recipe}-{train}.log")))
+        assert ranks == {("0", "0", "0", "node1"), ("1", "1", "0", "node2")}, ranks
     table = Path(ensemble.group(2)).read_text()
     assert table.count("imagenet_r50-") >= 1 and table.count("imagenet_r101-") >= 1 and "ensemble" in table.lower(), table
 
@@ -251,3 +255,15 @@ def test_world_size_options_are_refused_and_ntasks_per_node_required():
     assert proc.returncode == 2 and "usage: sbatch slurm/ensemble.sh A.pt B.pt" in proc.stderr
     proc = subprocess.run([str(REPO / "slurm/chain.sh"), "imagenet_r18"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "slurm/imagenet_r18.sh not found" in proc.stderr
+
+
+def test_launch_checks_name_what_to_change(cluster):
+    """Before any process group starts: tasks per node against GPUs per node, and node names that do not resolve."""
+    slurm = {"SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2"}
+    proc = run_script("imagenet_r152.sh", SLURM_NTASKS_PER_NODE="2", SLURM_GPUS_PER_NODE="8", **slurm)
+    assert proc.returncode == 2, proc.stderr
+    assert "--ntasks-per-node=2 but --gpus-per-node=8: one task per GPU; submit with --ntasks-per-node=8" in proc.stderr
+    proc = run_script("imagenet_r152.sh", SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NODELIST="ghost[1-2]",
+                      SLURM_CONF=cluster.env["SLURM_CONF"], **slurm)
+    assert proc.returncode == 2, proc.stderr
+    assert "node ghost1 of the allocation does not resolve" in proc.stderr and "--exclude=ghost1" in proc.stderr
