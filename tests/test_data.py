@@ -145,12 +145,16 @@ def test_loader_workers_survive_job_signals_sent_while_they_start():
 
     from datamodules.folder import WorkerSafeLoader
 
+    def children() -> set[int]:
+        return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == os.getpid()}
+
     loader = WorkerSafeLoader(list(range(8)), batch_size=4, num_workers=2, worker_init_fn=_slow_start_worker)
+    before = children()  # other tests' processes may still be around
     batches = iter(loader)
     deadline = time.monotonic() + 10
-    workers: list[int] = []
+    workers: set[int] = set()
     while len(workers) < 2 and time.monotonic() < deadline:
-        workers = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _parent(p) == os.getpid()]
+        workers = children() - before
     assert len(workers) == 2
     for pid in workers:  # before their init function (it sleeps 1 s first), from another process, as slurmstepd
         subprocess.run(["kill", "-TERM", str(pid)], check=True)
