@@ -26,7 +26,8 @@ from datamodules.folder import ImageFolderDataset, sample_seed
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.order import rank_order
 from tests.conftest import REPO, RESNET, tiny_fit_args
-from train.checkpointing import NOTHING_NEW, REQUEUE_EXIT, Requeued, hpc_checkpoints, newest_checkpoint, resume_path
+from train.checkpointing import NOTHING_NEW, Requeued, hpc_checkpoints, newest_checkpoint, resume_path
+from train.signals import REQUEUE_EXIT
 from train.cli import build_cli
 
 SLURM_ONE_TASK = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "resume-test", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0",

@@ -25,13 +25,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from train.signals import (  # noqa: F401  (re-exported: the names callers and tests know)
     NOTHING_NEW,
-    REQUEUE_EXIT,
     Preempted,
     Requeued,
     ignore_job_signals,
     is_startup_handler,
     startup_signals,
-    requeue,
     slurm_job_id,
 )
 
