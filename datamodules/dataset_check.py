@@ -142,6 +142,8 @@ def _walk(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, list[s
         if not split_classes[split]:
             find_classes(split_dir)  # no class folder: its error (a flat val/ points to `resnet prepare imagenet`)
     if not split_classes:
+        if not root.is_dir():
+            raise DatasetLayoutError(f"{root}: no such folder (--root: the folder holding train/ and val/)")
         raise DatasetLayoutError(f"{root}: neither train/ nor val/ in it (expected <root>/train/<wnid>/*.JPEG and "
                                  "<root>/val/<wnid>/*.JPEG; see README, 'Training on ImageNet')")
     classes = split_classes.get("train", split_classes.get("val"))
@@ -177,7 +179,8 @@ def check_dataset(root: str, manifest: Optional[str] = None, workers: Optional[i
     paths = [(split, rel) for split in images for rel in images[split] if rel.split("/")[0] in label]
     files: dict[str, list[list]] = {split: [] for split in images}
     bad: dict[str, list[list]] = {split: [] for split in images}
-    digests: dict[str, dict[str, str]] = {split: {} for split in images}
+    train_digests: dict[str, str] = {}  # digest -> the first train image with it
+    val_digests: list[tuple[str, str]] = []  # (digest, path) of every val image: each leaked copy is a line
     with ProcessPoolExecutor(max_workers=workers or usable_cpus(), initializer=_worker_init) as pool:
         # A crashed process breaks the pool (BrokenProcessPool): never a wait without end.
         results = pool.map(inspect_image, [str(root_path / split / rel) for split, rel in paths], chunksize=64)
@@ -190,14 +193,16 @@ def check_dataset(root: str, manifest: Optional[str] = None, workers: Optional[i
                 problems[kind].append(f"{where}: {reason}")
                 continue
             files[split].append([rel, label[rel.split("/")[0]], size, convert, image_format])
-            digests[split].setdefault(digest, where)
+            if split == "train":
+                train_digests.setdefault(digest, where)
+            else:
+                val_digests.append((digest, where))
             if convert:
                 problems["convert"].append(f"{where}: {convert}")
             expected = _EXTENSION_FORMAT[os.path.splitext(rel)[1].lower()]
             if image_format != expected:
                 problems["extension"].append(f"{where}: {image_format} content")
-    shared = digests.get("train", {}).keys() & digests.get("val", {}).keys()
-    problems["leak"] += sorted(f"{digests['val'][d]} = {digests['train'][d]}" for d in shared)
+    problems["leak"] += sorted(f"{where} = {train_digests[d]}" for d, where in val_digests if d in train_digests)
     refused = {kind: problems[kind] for kind in ("empty_class", "val_only_class") if problems.get(kind)}
     written = Manifest(root_path, key, classes, files, bad, refused).write(Path(manifest) if manifest else None)
     counts = {split: len(images[split]) for split in images}

@@ -308,3 +308,19 @@ def test_a_fault_found_on_rank_0_is_raised_on_every_rank(odd, tmp_path):
     torch.multiprocessing.spawn(_rank_meets_a_fault, args=(str(root), port, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):  # both ranks end with rank 0's error: none waits in the broadcast
         assert "absent.json.gz: no such file" in (tmp_path / f"rank{rank}.txt").read_text()
+
+
+def test_every_leaked_val_copy_is_listed_and_a_missing_root_is_named(odd, tmp_path):
+    root, _ = odd
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".resnet-manifest*"))
+    wnid = find_classes(copy / "train")[0]
+    source = next((copy / "train" / wnid).glob("*_1.JPEG"))
+    for name in ("copy_a.JPEG", "copy_b.JPEG"):  # two val copies of one train image: two leaks, not one
+        shutil.copyfile(source, copy / "val" / wnid / name)
+    from datamodules.dataset_check import check_dataset
+
+    leaks = check_dataset(str(copy), workers=1)["problems"]["leak"]
+    assert sum(f"{name}.JPEG = train/{wnid}/{source.name}" in line for line in leaks for name in ("copy_a", "copy_b")) == 2
+    with pytest.raises(DatasetLayoutError, match="no such folder"):
+        check_dataset(str(tmp_path / "absent"), workers=1)
