@@ -32,7 +32,7 @@ except ImportError as e:  # an optional extra: say how to get it
     ) from e
 
 from datamodules.folder import CorruptImageError, decode
-from datamodules.imagenet import LoaderSpec, equal_count_batch_size
+from datamodules.loaders import LoaderSpec, equal_count_batch_size
 from datamodules.order import EpochOrder, TrainPosition
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 

@@ -31,7 +31,7 @@ from datamodules.folder import (
     find_classes,
     is_hidden,
 )
-from datamodules.imagenet import usable_cpus
+from datamodules.loaders import usable_cpus
 from datamodules.manifest import Manifest, folder_key
 
 ILSVRC2012 = {"train": 1_281_167, "val": 50_000, "classes": 1000}  # the published counts of the CLS-LOC task

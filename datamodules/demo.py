@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 
-from datamodules.imagenet import usable_cpus
+from datamodules.loaders import usable_cpus
 
 # WordNet-style ids (n + 8 digits) in a range no real synset uses, so demo labels are never mistaken for ImageNet's.
 DEMO_CLASSES = {

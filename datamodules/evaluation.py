@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from datamodules.folder import DatasetLayoutError, ImageFolderDataset, WorkerSafeLoader, find_classes, scan_split
-from datamodules.imagenet import EvalShardBatchSampler, default_num_workers, per_device_batch_size, trainer_world
+from datamodules.loaders import EvalShardBatchSampler, default_num_workers, per_device_batch_size, trainer_world
 from datamodules.transforms import EvalViews
 
 log = logging.getLogger(__name__)

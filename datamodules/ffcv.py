@@ -16,7 +16,7 @@ import torch
 from numba import njit
 
 from datamodules.ffcv_write import check_beton
-from datamodules.imagenet import LoaderSpec, equal_count_batch_size
+from datamodules.loaders import LoaderSpec, equal_count_batch_size
 from datamodules.order import EpochOrder, TrainPosition
 
 _TORCH_THREADS = torch.get_num_threads()  # importing FFCV (ffcv.pipeline.compiler) sets torch to one CPU thread

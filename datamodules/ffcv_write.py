@@ -18,7 +18,7 @@ import torch
 
 from datamodules.folder import DatasetLayoutError, decode
 from datamodules.samples import load_samples
-from datamodules.imagenet import usable_cpus
+from datamodules.loaders import usable_cpus
 
 _TORCH_THREADS = torch.get_num_threads()  # importing FFCV (ffcv.pipeline.compiler) sets torch to one CPU thread
 from ffcv.fields import IntField, RGBImageField  # noqa: E402

@@ -4,128 +4,24 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
-import signal
 import socket
 import tempfile
-import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.seed import pl_worker_init_function
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
+from datamodules.loaders import (EvalShardBatchSampler, LoaderSpec, default_num_workers, init_loader_worker,
+                                 per_device_batch_size, trainer_world)
 from datamodules.order import EpochOrder, TrainPosition
 from datamodules.folder import DatasetLayoutError, ImageFolderDataset, SkippedImages, TrainLoader, WorkerSafeLoader
 from datamodules.samples import gather_objects, load_samples, sample_fingerprint, without_formats_dali_lacks
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, train_transform, val_transform
 
 log = logging.getLogger(__name__)
-
-
-class EvalShardBatchSampler(Sampler[list[int]]):
-    """Batches of this rank's strided shard (rank, rank + world, ...): no index padded or repeated, and the
-    same number of batches on every rank: a DDP forward syncs buffers, so one extra batch on one rank hangs."""
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.indices = np.arange(rank, num_samples, world_size)
-        self.num_batches = math.ceil(math.ceil(num_samples / world_size) / batch_size)
-        if len(self.indices) < self.num_batches:
-            raise ValueError(f"{num_samples} validation images cannot fill {self.num_batches} batches on each of {world_size} ranks")
-
-    def __iter__(self) -> Iterator[list[int]]:
-        for chunk in np.array_split(self.indices, self.num_batches):
-            yield chunk.tolist()
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-
-def per_device_batch_size(batch_size: int, world_size: int) -> int:
-    """The per-rank share of a global batch; a clear error when it does not divide."""
-    if batch_size % world_size:
-        raise ValueError(
-            f"data.batch_size={batch_size} is the global batch and must divide by the world size "
-            f"{world_size} (trainer.num_nodes x trainer.devices); e.g. use {max(1, batch_size // world_size) * world_size}"
-        )
-    return batch_size // world_size
-
-
-def default_num_workers(requested: Optional[int] = None) -> int:
-    """Loader processes per rank: `requested`, or when None the CPUs this process may use (a SLURM allocation,
-    a taskset), at most 8."""
-    if requested is not None:
-        return requested
-    return min(8, usable_cpus())
-
-
-def usable_cpus() -> int:
-    """CPUs this process may use (a SLURM allocation, a taskset: its CPU affinity), not the machine's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def init_loader_worker(worker_id: int, rank: int = 0) -> None:
-    """DataLoader worker start-up: Lightning's seeding, then the job signals.
-    - Seeds: a loader with a worker_init_fn of its own gets none from Lightning, so this one applies Lightning's
-      `pl_worker_init_function` where `seed_everything(workers=True)` asked for it (the command line does):
-      augmentations drawn from (seed, rank, worker), different on every rank.
-    - Signals: SLURM signals every process of a job step, workers included (SIGUSR1 before the time limit,
-      SIGTERM on preemption or scancel); a worker killed by it would turn the main process's orderly save into a
-      "DataLoader worker killed" crash. So a worker ignores SIGUSR1, and exits on SIGTERM only when its parent sends
-      it (the DataLoader or multiprocessing shutting it down); the main process decides the rest."""
-    if int(os.environ.get("PL_SEED_WORKERS", 0)):
-        pl_worker_init_function(worker_id, rank)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending for the thread below, in every thread
-    parent = os.getppid()
-
-    def wait_for_sigterm() -> None:
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
-            pass
-        os._exit(0)  # asked by the parent: leave at once, as its terminate() expects
-
-    threading.Thread(target=wait_for_sigterm, name="sigterm-from-parent", daemon=True).start()
-
-
-def trainer_world(trainer: Optional[pl.Trainer]) -> tuple[int, int]:
-    """(global rank, world size); (0, 1) before a trainer is attached."""
-    return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-
-def equal_count_batch_size(num_samples: int, world_size: int, batch_size: int) -> int:
-    """The largest batch size <= `batch_size` that gives every rank's strided shard (sizes differ by at most one)
-    the same number of batches, for loaders that cannot vary their batch size (DDP needs equal counts)."""
-    small, large = num_samples // world_size, math.ceil(num_samples / world_size)
-    for b in range(batch_size, 0, -1):
-        if math.ceil(small / b) == math.ceil(large / b):
-            return b
-    return 1
-
-
-@dataclass
-class LoaderSpec:
-    """What every backend's loader builder gets: this rank's view of one split and the augmentation settings.
-    Loaders yield (images, labels): images NCHW, either uint8 (normalised on the device by the DataModule) or
-    float already normalised with IMAGENET_MEAN/STD; labels int64 of shape (N,)."""
-
-    samples: list[tuple[str, int]]  # the whole split, (path, label), sorted; labels index the sorted classes
-    rank: int
-    world_size: int
-    batch_size: int  # per device
-    num_workers: int
-    seed: int
-    crop_size: int
-    val_resize_size: int
-    scale: tuple[float, float]  # RandomResizedCrop area range
-    ratio: tuple[float, float]  # RandomResizedCrop aspect-ratio range (3/4, 4/3)
-    hflip: bool
-    device: torch.device  # where the model runs (cuda:N or cpu)
-    order: Optional[EpochOrder] = None  # training: this rank's order and resume position (set_epoch goes to it)
 
 
 class ImageNetDataModule(pl.LightningDataModule):
@@ -150,6 +46,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         ffcv_order: Literal["random", "quasi_random"] = "random",
         ffcv_os_cache: bool = True,
         manifest: Optional[str] = None,
+        stage_dir: Optional[str] = None,
     ):
         """
         Args:
@@ -180,6 +77,10 @@ class ImageNetDataModule(pl.LightningDataModule):
             ffcv_os_cache: let the OS page cache hold the .beton (fits in RAM) instead of FFCV's own reads.
             manifest: the manifest `resnet prepare check` wrote; None = the valid one in its default places, if
                 any (datamodules/manifest.py), else the folders are listed (by rank 0, which sends the list).
+            stage_dir: a node-local folder (NVMe scratch, `$TMPDIR`; variables expanded on each node) to copy what
+                the run reads to before it starts, once per node: the .beton files (ffcv) or the usable images of
+                train/ and val/; size and SHA-256 checked, reused after a requeue while valid
+                (datamodules/staging.py). None = read the data where it is.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -194,6 +95,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self._resume_pipelines: dict = {}  # rank -> a DALI training pipeline state, from a checkpoint
         self._train_fingerprint: Optional[dict] = None  # of the training sample list (sample_fingerprint)
         self._sample_source = "folder scan"
+        self._ffcv_dir = Path(ffcv_dir or self.root / "ffcv")  # where the .beton files are read (a staged copy)
 
     @property
     def num_classes(self) -> int:
@@ -206,6 +108,28 @@ class ImageNetDataModule(pl.LightningDataModule):
     def per_device_batch_size(self) -> int:
         return per_device_batch_size(self.batch_size, self._world()[1])
 
+    def _staged(self, stage: str, check: bool) -> Path:
+        """The node-local copy of what `stage` reads (made, checked or, with check=False, found)."""
+        from datamodules import staging
+
+        hp = self.hparams
+        if hp.backend == "ffcv":
+            plan = staging.beton_plan(self._ffcv_dir, staging.stage_root(hp.stage_dir, self._ffcv_dir, "ffcv"),
+                                      ("train", "val") if stage == "fit" else ("val",))
+        else:
+            plan = staging.folder_plan(self.root, staging.stage_root(hp.stage_dir, self.root, "folders"), hp.manifest)
+        staged = staging.stage(plan, check=check)
+        if check:
+            print(staging.describe(staged, plan), flush=True)
+        return staged.root
+
+    def prepare_data(self) -> None:
+        """With `stage_dir`: the node-local copy, made or checked by each node's local rank 0 (Lightning calls this
+        hook there: prepare_data_per_node); the node's other ranks wait at Lightning's barrier."""
+        if self.hparams.stage_dir:
+            fn = getattr(getattr(self.trainer, "state", None), "fn", None)
+            self._staged(getattr(fn, "value", "fit"), check=True)
+
     def setup(self, stage: str) -> None:
         _, world = self._world()
         connector = getattr(self.trainer, "_accelerator_connector", None)
@@ -215,13 +139,18 @@ class ImageNetDataModule(pl.LightningDataModule):
                 "(Lightning's DistributedSampler pads validation with duplicate images)"
             )
         self.per_device_batch_size  # fail early on a batch that does not divide
-        train_dir = self.root / "train"
+        hp = self.hparams
+        root, manifest = self.root, hp.manifest
+        if hp.stage_dir and hp.backend == "ffcv":
+            self._ffcv_dir = self._staged(stage, check=False)
+        elif hp.stage_dir:  # the copy carries the source's manifest over, if any
+            root, manifest = self._staged(stage, check=False), None
+        train_dir = root / "train"
         label_split = "train" if stage == "fit" or train_dir.is_dir() else "val"
         if label_split == "val":  # evaluation-only machines may hold val/ alone: its folders define the labels
-            log.info("%s absent: class indices taken from the sorted folders of %s", train_dir, self.root / "val")
-        hp = self.hparams
+            log.info("%s absent: class indices taken from the sorted folders of %s", train_dir, root / "val")
         splits = {"fit": ("train", "val"), "validate": ("val",)}.get(stage, ())
-        found = load_samples(self.root, splits, label_split, hp.manifest, rank=self._world()[0])
+        found = load_samples(root, splits, label_split, manifest, rank=self._world()[0])
         self.classes = found.classes
         if found.left_out.get("val"):
             bad = found.left_out["val"]
@@ -243,7 +172,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             )
         self._sample_source = found.source
         if stage == "fit":
-            self._train_fingerprint = sample_fingerprint(found.splits["train"], self.root / "train")
+            self._train_fingerprint = sample_fingerprint(found.splits["train"], root / "train")
             self.train_set = ImageFolderDataset(
                 found.splits["train"],
                 train_transform(
@@ -261,8 +190,9 @@ class ImageNetDataModule(pl.LightningDataModule):
                 shard = -(-len(self.train_set) // world) // self.per_device_batch_size * self.per_device_batch_size
                 node, local = getattr(self.trainer, "node_rank", 0), getattr(self.trainer, "local_rank", 0)
                 host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+                where = self._ffcv_dir if hp.backend == "ffcv" else root
                 print(f"rank {rank}/{world} (node rank {node}, local rank {local}, host {host}): {shard} of "
-                      f"{len(self.train_set)} training images an epoch", flush=True)
+                      f"{len(self.train_set)} training images an epoch, read from {where}", flush=True)
         if stage in ("fit", "validate"):
             self.val_set = ImageFolderDataset(
                 found.splits["val"],
@@ -327,7 +257,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             return self._dali_train
         from datamodules import ffcv
 
-        beton = Path(hp.ffcv_dir or self.root / "ffcv") / f"{split}.beton"
+        beton = self._ffcv_dir / f"{split}.beton"
         if split == "train":
             return ffcv.train_loader(spec, beton, order=hp.ffcv_order, os_cache=hp.ffcv_os_cache)
         return ffcv.val_loader(spec, beton, os_cache=hp.ffcv_os_cache)

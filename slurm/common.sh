@@ -26,6 +26,8 @@ export RESNET_CACHE="${RESNET_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/resnet-imag
 resnet_srun() {
     local -a srun=(srun --kill-on-bad-exit=1 "${srun_opts[@]}")
     mkdir -p "$RESNET_OUTPUT" "$RESNET_CACHE"
+    local stage_mount=""  # the node-local copy's folder, seen by a container at the same path
+    [[ -z ${RESNET_STAGE_DIR:-} ]] || stage_mount=",$RESNET_STAGE_DIR:$RESNET_STAGE_DIR"
     case "$RESNET_CONTAINER" in
         "")
             local resnet="$RESNET_VENV/bin/resnet"
@@ -35,11 +37,11 @@ resnet_srun() {
             ;;
         *.sif)
             "${srun[@]}" apptainer exec --nv --pwd "$RESNET_REPO" \
-                --bind "$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT,$RESNET_REPO,$RESNET_CACHE" "$RESNET_CONTAINER" resnet "$@"
+                --bind "$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT,$RESNET_REPO,$RESNET_CACHE$stage_mount" "$RESNET_CONTAINER" resnet "$@"
             ;;
         *)
             "${srun[@]}" --container-image="$RESNET_CONTAINER" --container-workdir="$RESNET_REPO" \
-                --container-mounts="$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT:$RESNET_OUTPUT,$RESNET_REPO:$RESNET_REPO,$RESNET_CACHE:$RESNET_CACHE" \
+                --container-mounts="$IMAGENET_DIR:$IMAGENET_DIR:ro,$RESNET_OUTPUT:$RESNET_OUTPUT,$RESNET_REPO:$RESNET_REPO,$RESNET_CACHE:$RESNET_CACHE$stage_mount" \
                 resnet "$@"
             ;;
     esac
@@ -96,8 +98,10 @@ resnet_fit() {
     # for srun instead of dying first and ending the job step under them.
     trap 'echo "$(date -Is) SIGTERM: the training tasks save, then exit"' TERM
     # Last, so that no option or --config before them can change them: the world size and the run directory.
+    local -a stage=()
+    [[ -z ${RESNET_STAGE_DIR:-} ]] || stage=(--data.stage_dir "$RESNET_STAGE_DIR")
     resnet_srun fit --config "configs/$recipe.yaml" "${wandb[@]}" \
-        --data.root "$IMAGENET_DIR" --data.num_workers "${SLURM_CPUS_PER_TASK:-8}" "$@" \
+        --data.root "$IMAGENET_DIR" --data.num_workers "${SLURM_CPUS_PER_TASK:-8}" "${stage[@]}" "$@" \
         --trainer.num_nodes "$SLURM_JOB_NUM_NODES" --trainer.devices "$SLURM_NTASKS_PER_NODE" \
         --trainer.default_root_dir "$run_dir" || rc=$?
     if ((rc == 143)); then

@@ -20,6 +20,10 @@ export RESNET_WANDB="${RESNET_WANDB:-1}"
 # apptainer exec --nv. The checkout, ImageNet and the outputs are mounted at the same paths inside.
 export RESNET_CONTAINER="${RESNET_CONTAINER:-}"
 export RESNET_VENV="${RESNET_VENV:-$RESNET_REPO/.venv}"
+# Empty: read the data from IMAGENET_DIR. A node-local folder (NVMe scratch such as /local/scratch/$USER, the
+# same path on every node): before training each node copies the data there once (`--data.stage_dir`, README
+# "Node-local data") and reuses the copy after a requeue; mounted into containers.
+export RESNET_STAGE_DIR="${RESNET_STAGE_DIR:-}"
 
 # shellcheck source=slurm/common.sh
 source "$RESNET_REPO/slurm/common.sh"

@@ -18,7 +18,7 @@ pytest.importorskip("nvidia.dali", reason="the DALI extra is not installed: pip 
 from datamodules import dali  # noqa: E402
 from datamodules.demo import write_demo_dataset  # noqa: E402
 from datamodules.folder import decode, find_classes, scan_split  # noqa: E402
-from datamodules.imagenet import LoaderSpec  # noqa: E402
+from datamodules.loaders import LoaderSpec  # noqa: E402
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, val_transform  # noqa: E402
 from tests.conftest import run_resnet, tiny_fit_args  # noqa: E402
 

@@ -1,13 +1,12 @@
 import logging
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from datamodules import ImageNetDataModule
 from datamodules.folder import CorruptImageError, DatasetLayoutError
-from datamodules.imagenet import EvalShardBatchSampler
+from datamodules.loaders import EvalShardBatchSampler
 from datamodules.transforms import Lighting, normalize_batch, train_transform, val_transform
 from torchvision.io import decode_image, read_file
 
@@ -129,7 +128,7 @@ def _slow_start_worker(worker_id: int) -> None:
     """init_loader_worker, late: the job signals reach the worker before it sets its own handling."""
     import time
 
-    from datamodules.imagenet import init_loader_worker
+    from datamodules.loaders import init_loader_worker
 
     time.sleep(1.0)
     init_loader_worker(worker_id)

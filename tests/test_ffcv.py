@@ -27,7 +27,7 @@ from datamodules.demo import write_demo_dataset  # noqa: E402
 from datamodules.ffcv import _resize_center_crop, train_loader, val_loader  # noqa: E402
 from datamodules.ffcv_write import check_beton, prepare_ffcv  # noqa: E402
 from datamodules.folder import DatasetLayoutError, decode, find_classes, scan_split  # noqa: E402
-from datamodules.imagenet import LoaderSpec  # noqa: E402
+from datamodules.loaders import LoaderSpec  # noqa: E402
 from datamodules.transforms import val_transform  # noqa: E402
 from tests.conftest import run_resnet, tiny_fit_args  # noqa: E402
 

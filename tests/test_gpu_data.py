@@ -31,7 +31,8 @@ pytest.importorskip("ffcv", reason="the ffcv extra is not installed: pip install
 from datamodules import dali, ffcv, ffcv_write  # noqa: E402
 from datamodules.demo import write_demo_dataset  # noqa: E402
 from datamodules.folder import decode, find_classes, scan_split  # noqa: E402
-from datamodules.imagenet import ImageNetDataModule, LoaderSpec  # noqa: E402
+from datamodules.imagenet import ImageNetDataModule  # noqa: E402
+from datamodules.loaders import LoaderSpec  # noqa: E402
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, val_transform  # noqa: E402
 from tests.conftest import run_resnet, tiny_fit_args  # noqa: E402
 from train.model import ImageNetClassifier  # noqa: E402

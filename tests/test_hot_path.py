@@ -195,7 +195,7 @@ def test_a_diverged_loss_stops_the_run_naming_the_step(demo_root, tmp_path):
 
 
 def _worker_seed(rank: int, queue) -> None:
-    from datamodules.imagenet import init_loader_worker
+    from datamodules.loaders import init_loader_worker
 
     torch.manual_seed(1234)  # what the DataLoader gives worker 0 of a loader whose base seed is 1234
     init_loader_worker(0, rank)

@@ -126,8 +126,10 @@ def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(clu
     reference = sbatch(cluster, job_env, *SBATCH_CPU, "--nodes=1", "--ntasks-per-node=2", "--nodelist=node1",
                        f"--output={reference_log}", "slurm/imagenet_r152.sh", *fit)
     # One loader worker per rank: SLURM signals every process of the step, workers included. Periodic checkpoints
-    # every 3 s: the third interruption (a lost node) resumes from one.
-    job = sbatch(cluster, job_env, *SBATCH_CPU, "--partition=preemptible", f"--output={log}", "slurm/imagenet_r152.sh",
+    # every 3 s: the third interruption (a lost node) resumes from one. The data staged to each node's scratch folder
+    # (RESNET_STAGE_DIR: once a node; each restart reuses the copy there).
+    job = sbatch(cluster, {**job_env, "RESNET_STAGE_DIR": f"{cluster.local}/stage"}, *SBATCH_CPU,
+                 "--partition=preemptible", f"--output={log}", "slurm/imagenet_r152.sh",
                  *fit, "--requeue.checkpoint_every_minutes", "0.05")
     run = out / f"imagenet_r152-{job}"
 
@@ -175,8 +177,12 @@ def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(clu
     assert info["Restarts"] == "3", text[-3000:]
     assert f"the job script requeues the job ({run}/requeue.request)" in text
     assert "Traceback" not in text.split("restart 3)")[-1], text[-3000:]
-    # Two nodes each time: node rank 0 and 1, one task each (world size 2).
+    # Two nodes each time: node rank 0 and 1, one task each (world size 2), reading the data from its node's copy,
+    # made once on each node and reused by each of the three restarts there.
     assert {"node1", "node2"} <= set(re.findall(r"host (node\d)", text)), text[-3000:]
+    staged = re.findall(r"Staged \S+ on (node\d): 102 files \(\S+ MB\) (copied|reused)", text)
+    assert sorted(staged) == sorted([(n, "copied") for n in ("node1", "node2")] + [(n, "reused") for n in ("node1", "node2")] * 3), staged
+    assert len(re.findall(rf"read from {cluster.local}/stage/", text)) == 2 * 4
 
     # The same run: every step trained once, on the batches of the uninterrupted job, to bit-identical weights and
     # SGD momentum (2 ranks, gloo, loader workers, three interruptions).
@@ -206,7 +212,7 @@ def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
         "RESNET_SBATCH_OPTS": " ".join([*SBATCH_CPU, f"--output={tmp_path}/%x-%j.log"]),
     }
     proc = cluster.run_env(env, str(REPO / "slurm/chain.sh"), "imagenet_r50", "imagenet_r101", "--", *FIT_CPU,
-                           "--trainer.max_epochs", "1")
+                           "--trainer.max_epochs", "1", "--data.stage_dir", f"{cluster.local}/stage")
     jobs = re.findall(r"(imagenet_r\d+): training job (\d+) .*, 10crop evaluation job (\d+)", proc.stdout)
     ensemble = re.search(r"ensemble job (\d+): (\S+)", proc.stdout)
     assert len(jobs) == 2 and ensemble, proc.stdout + proc.stderr
@@ -226,6 +232,13 @@ def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
         ranks = set(re.findall(r"rank (\d)/2 \(node rank (\d), local rank (\d), host (node\d)\): 36 of 72 training",
                                read_log(tmp_path / f"{recipe}-{train}.log")))
         assert ranks == {("0", "0", "0", "node1"), ("1", "1", "0", "node2")}, ranks
+    # Both trainings read each node's copy of the data, made once on that node (the other job waited or reused it):
+    # a folder of its own on each node, holding the 102 images.
+    staged = re.findall(r"Staged \S+ on (node\d): 102 files \(\S+ MB\) (copied|reused)", logs)
+    assert sorted(staged) == [("node1", "copied"), ("node1", "reused"), ("node2", "copied"), ("node2", "reused")], staged
+    for node in ("node1", "node2"):
+        copies = list((cluster.dir / "nodes" / node / "local" / "stage").glob("*/.resnet-stage.json"))
+        assert len(copies) == 1 and len(json.loads(copies[0].read_text())["files"]) == 102, copies
     table = Path(ensemble.group(2)).read_text()
     assert table.count("imagenet_r50-") >= 1 and table.count("imagenet_r101-") >= 1 and "ensemble" in table.lower(), table
 

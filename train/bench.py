@@ -20,7 +20,8 @@ from torchvision import transforms as v1
 
 from datamodules.demo import write_bench_dataset
 from datamodules.evaluation import EvalDataModule
-from datamodules.imagenet import ImageNetDataModule, default_num_workers
+from datamodules.imagenet import ImageNetDataModule
+from datamodules.loaders import default_num_workers
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, PAPER_SCALES, EvalViews
 from train.evaluate import evaluate
 from train.model import Arch, build_resnet

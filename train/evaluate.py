@@ -15,7 +15,7 @@ from typing import Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
-from jsonargparse import ActionConfigFile, Namespace
+from jsonargparse import ActionConfigFile
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from rich.table import Table

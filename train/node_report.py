@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from datamodules.demo import write_bench_dataset
-from datamodules.imagenet import usable_cpus
+from datamodules.loaders import usable_cpus
 from train import node_gpu_tests, node_parts
 from train.callbacks import git_commit
 from train.evaluate import exit_with_error
