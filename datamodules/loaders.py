@@ -21,13 +21,21 @@ from datamodules.order import EpochOrder
 
 class EvalShardBatchSampler(Sampler[list[int]]):
     """Batches of this rank's strided shard (rank, rank + world, ...): no index padded or repeated, and the
-    same number of batches on every rank: a DDP forward syncs buffers, so one extra batch on one rank hangs."""
+    same number of batches on every rank: a DDP forward syncs buffers, so one extra batch on one rank hangs.
+    Shards differ by one image at most; with one image a batch the larger shards' last batch holds two (the
+    only way to keep the counts equal without repeating an image).
+
+    Raises:
+        ValueError: fewer images than ranks; the same on every rank (an error on some ranks only would leave the
+            others waiting in a collective).
+    """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        if num_samples < world_size:
+            raise ValueError(f"{num_samples} evaluation images cannot be shared by {world_size} ranks: every rank "
+                             "needs one at least (use fewer ranks)")
         self.indices = np.arange(rank, num_samples, world_size)
-        self.num_batches = math.ceil(math.ceil(num_samples / world_size) / batch_size)
-        if len(self.indices) < self.num_batches:
-            raise ValueError(f"{num_samples} validation images cannot fill {self.num_batches} batches on each of {world_size} ranks")
+        self.num_batches = min(math.ceil(math.ceil(num_samples / world_size) / batch_size), num_samples // world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         for chunk in np.array_split(self.indices, self.num_batches):

@@ -94,13 +94,21 @@ def test_lightning_distributed_sampler_is_refused(demo_root):
         dm.setup("validate")
 
 
-@pytest.mark.parametrize("n, world, batch", [(30, 2, 4), (33, 2, 16), (101, 4, 8), (7, 3, 4), (1000, 8, 32)])
+@pytest.mark.parametrize("n, world, batch", [(30, 2, 4), (33, 2, 16), (101, 4, 8), (7, 3, 4), (1000, 8, 32), (30, 4, 1), (5, 4, 1)])
 def test_eval_shards_cover_each_image_once_with_equal_batch_counts(n, world, batch):
     shards = [list(EvalShardBatchSampler(n, batch, rank, world)) for rank in range(world)]
     assert len({len(s) for s in shards}) == 1  # same number of batches on every rank (DDP syncs per forward)
     flat = [i for s in shards for b in s for i in b]
     assert sorted(flat) == list(range(n))
-    assert all(0 < len(b) <= batch for s in shards for b in s)
+    # One image a batch over unequal shards (30 on 4 ranks: 8, 8, 7, 7): the larger shards' last batch holds two.
+    assert all(0 < len(b) <= max(batch, 2 if n % world else 1) for s in shards for b in s)
+    assert sum(len(b) > batch for s in shards for b in s) == (n % world if batch == 1 else 0)
+
+
+def test_eval_shards_refuse_fewer_images_than_ranks_on_every_rank():
+    for rank in range(4):
+        with pytest.raises(ValueError, match="3 evaluation images cannot be shared by 4 ranks"):
+            EvalShardBatchSampler(3, 1, rank, 4)
 
 
 def test_train_transforms(demo_root):
