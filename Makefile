@@ -42,8 +42,9 @@ demo: setup
 	echo "Demo done in $$(( $$(date +%s) - start )) s. Runs: $(DEMO_RUN)/, $(DEMO_RUN)_r34/ (checkpoints/, logs/version_0/);" \
 		"evaluations and ensemble table: $(DEMO_EVAL)/"
 
+# Two workers (pytest-xdist): the SLURM tests wait on daemons and timeouts while the other worker runs the rest.
 test: setup slurm-packages
-	$(BIN)/python -m pytest -q --timeout 600
+	$(BIN)/python -m pytest -q --timeout 600 -n 2 --dist loadgroup
 
 # What this machine does with the project: GPU, versions, training-step ceilings, the full pipeline per loader,
 # loaders alone, evaluation, Lightning's overhead, the GPU tests; $(GPU_CHECK_OUT)/node_report.{json,md}.

@@ -16,8 +16,15 @@ REPO = Path(__file__).resolve().parent.parent
 RESNET = str(Path(sys.executable).parent / "resnet")
 
 
+# The longest tests first: `make test` runs two pytest-xdist workers, and a long test started last would leave one
+# worker idle while it runs (the SLURM tests share one worker: one cluster at a time).
+FIRST = ("tests/test_slurm.py", "tests/test_fit.py::test_demo_recipe")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `gpu` need a CUDA device: skipped where there is none (CI, the development machines)."""
+    """The longest tests first; tests marked `gpu` need a CUDA device: skipped where there is none (CI, the
+    development machines)."""
+    items.sort(key=lambda item: next((i for i, p in enumerate(FIRST) if item.nodeid.startswith(p)), len(FIRST)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, last_metrics
 from tests.slurm_cluster import SlurmCluster
 
-pytestmark = pytest.mark.slow
+# One cluster at a time: under `pytest -n` (make test) these tests share one worker, started first (conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
 
 # What differs from the ImageNet recipes on a 2-core machine without a GPU: a task on each of the two nodes.
 SBATCH_CPU = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
@@ -43,9 +44,9 @@ def cluster():
     # munged must reach its socket through every parent folder: not under pytest's private tmp folders.
     folder = Path(tempfile.mkdtemp(prefix="resnet-slurm-", dir="/tmp"))
     folder.chmod(0o755)
-    # 3 CPUs a node on 2 cores: the reference job's 2 tasks and the interrupted job's first fill node1; an urgent
-    # job asking for node2's 3 preempts the interrupted job there.
-    with SlurmCluster(folder, cpus=3, nodes=2) as c:
+    # 4 CPUs a node on 2 cores: the chain's two trainings of 2 tasks a node run side by side; an urgent job asking
+    # for node2's 4 preempts the interrupted job there.
+    with SlurmCluster(folder, cpus=4, nodes=2) as c:
         yield c
 
 
@@ -146,7 +147,7 @@ def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(clu
     # 2. Preemption: a job of the `urgent` partition needs the CPUs; SLURM sends SIGTERM (GraceTime 20 s), the ranks
     # save and exit 143, the job script waits to be stopped, SLURM requeues the job and starts it again once the urgent
     # job is done.
-    urgent = sbatch(cluster, job_env, "--partition=urgent", "--nodelist=node2", "--ntasks=3", "--cpus-per-task=1",
+    urgent = sbatch(cluster, job_env, "--partition=urgent", "--nodelist=node2", "--ntasks=4", "--cpus-per-task=1",
                     "--time=5", f"--output={tmp_path / 'urgent.log'}", "--wrap", "sleep 2")
     preempted = wait_for_log(cluster, job, log, r"Signal SIGTERM: saved (\S+) at global step (\d+)")
     wait_for(cluster, urgent, {"COMPLETED"}, timeout=120)
@@ -208,8 +209,8 @@ def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
         **job_env,
         "RESNET_WANDB": "0",
         "RESNET_EVAL_PROTOCOL": "10crop",
-        # 2 nodes x 1 task (2 x 2 hung once in a 10-crop evaluation: see the issue-13 note).
-        "RESNET_SBATCH_OPTS": " ".join([*SBATCH_CPU, f"--output={tmp_path}/%x-%j.log"]),
+        # 2 nodes x 2 tasks: world size 4.
+        "RESNET_SBATCH_OPTS": " ".join([*SBATCH_CPU, "--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.log"]),
     }
     proc = cluster.run_env(env, str(REPO / "slurm/chain.sh"), "imagenet_r50", "imagenet_r101", "--", *FIT_CPU,
                            "--trainer.max_epochs", "1", "--data.stage_dir", f"{cluster.local}/stage")
@@ -225,13 +226,16 @@ def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
     for recipe, train, evaluation in jobs:
         for j in (train, evaluation):
             assert cluster.job(j)["JobState"] == "COMPLETED", logs[-3000:]
-        result = json.loads((Path(env["RESNET_OUTPUT"]) / f"{recipe}-{train}" / "eval" / "10crop.json").read_text())
-        assert result["protocol"] == "10crop" and result["images"] == 30  # every val image once over the 2 nodes
+        run = Path(env["RESNET_OUTPUT"]) / f"{recipe}-{train}"
+        assert last_metrics(run)["val/images"] == 30  # the training's validation, too, counts each image once
+        result = json.loads((run / "eval" / "10crop.json").read_text())
+        assert result["protocol"] == "10crop" and result["images"] == 30  # every val image once over the 4 ranks
         assert 0.0 <= result["top1_err"] <= 100.0
         # Global ranks, node ranks and local ranks as the allocation lays them out, equal training shards.
-        ranks = set(re.findall(r"rank (\d)/2 \(node rank (\d), local rank (\d), host (node\d)\): 36 of 72 training",
+        ranks = set(re.findall(r"rank (\d)/4 \(node rank (\d), local rank (\d), host (node\d)\): 18 of 72 training",
                                read_log(tmp_path / f"{recipe}-{train}.log")))
-        assert ranks == {("0", "0", "0", "node1"), ("1", "1", "0", "node2")}, ranks
+        assert ranks == {("0", "0", "0", "node1"), ("1", "0", "1", "node1"), ("2", "1", "0", "node2"),
+                         ("3", "1", "1", "node2")}, ranks
     # Both trainings read each node's copy of the data, made once on that node (the other job waited or reused it):
     # a folder of its own on each node, holding the 102 images.
     staged = re.findall(r"Staged \S+ on (node\d): 102 files \(\S+ MB\) (copied|reused)", logs)
