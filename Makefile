@@ -44,7 +44,7 @@ demo: setup
 
 # Two workers (pytest-xdist): the SLURM tests wait on daemons and timeouts while the other worker runs the rest.
 test: setup slurm-packages
-	$(BIN)/python -m pytest -q --timeout 600 -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -q --timeout 600 -n 2 --dist load
 
 # What this machine does with the project: GPU, versions, training-step ceilings, the full pipeline per loader,
 # loaders alone, evaluation, Lightning's overhead, the GPU tests; $(GPU_CHECK_OUT)/node_report.{json,md}.

@@ -17,8 +17,24 @@ RESNET = str(Path(sys.executable).parent / "resnet")
 
 
 # The longest tests first: `make test` runs two pytest-xdist workers, and a long test started last would leave one
-# worker idle while it runs (the SLURM tests share one worker: one cluster at a time).
+# worker idle while it runs (the SLURM tests share one worker: one cluster at a time, pytest_xdist_make_scheduler).
 FIRST = ("tests/test_slurm.py", "tests/test_fit.py::test_demo_recipe")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test`'s scheduler: pytest-xdist's load-scope scheduling with every test a unit of its own except the
+    SLURM tests, one unit (their module-scoped cluster starts once, on one worker). `--dist loadgroup` would do this
+    with an `xdist_group` mark, but pytest-xdist 3.8 marks the group by rewriting `item._nodeid`, which pytest 9.2
+    no longer reads: the SLURM tests ran on both workers, two clusters at once (CI, 2026-12-04)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tests/test_slurm.py" if nodeid.startswith("tests/test_slurm.py") else nodeid
+
+    return SlurmTestsTogether(config, log)
 
 
 def pytest_collection_modifyitems(config, items) -> None:

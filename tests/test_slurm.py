@@ -7,6 +7,7 @@ on 2 nodes."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -23,8 +24,9 @@ import torch
 from tests.conftest import REPO, last_metrics
 from tests.slurm_cluster import SlurmCluster
 
-# One cluster at a time: under `pytest -n` (make test) these tests share one worker, started first (conftest.py).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]
+# One cluster at a time: under `pytest -n` (make test) these tests share one worker, started first (conftest.py);
+# the cluster fixture's lock keeps it so whatever the scheduler does.
+pytestmark = pytest.mark.slow
 
 # What differs from the ImageNet recipes on a 2-core machine without a GPU: a task on each of the two nodes.
 SBATCH_CPU = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
@@ -41,6 +43,22 @@ EVAL_CPU = ["--trainer.accelerator", "cpu", "--data.batch_size", "4", "--data.nu
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Two clusters at once would share this machine's 2 cores and the tests' time bounds: a second pytest process
+    # (another xdist worker, another checkout) waits for the first one's cluster to stop, 10 minutes at most.
+    with open("/tmp/resnet-slurm-tests.lock", "w") as lock:
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail("another test cluster held /tmp/resnet-slurm-tests.lock for 10 minutes")
+                time.sleep(1)
+        yield from _cluster()
+
+
+def _cluster():
     # munged must reach its socket through every parent folder: not under pytest's private tmp folders.
     folder = Path(tempfile.mkdtemp(prefix="resnet-slurm-", dir="/tmp"))
     folder.chmod(0o755)
@@ -147,8 +165,8 @@ def test_interrupted_job_resumes_each_time_and_ends_as_the_uninterrupted_one(clu
     # 2. Preemption: a job of the `urgent` partition needs the CPUs; SLURM sends SIGTERM (GraceTime 20 s), the ranks
     # save and exit 143, the job script waits to be stopped, SLURM requeues the job and starts it again once the urgent
     # job is done.
-    urgent = sbatch(cluster, job_env, "--partition=urgent", "--nodelist=node2", "--ntasks=4", "--cpus-per-task=1",
-                    "--time=5", f"--output={tmp_path / 'urgent.log'}", "--wrap", "sleep 2")
+    urgent = sbatch(cluster, job_env, "--partition=urgent", "--nodes=1", "--nodelist=node2", "--ntasks=4",
+                    "--cpus-per-task=1", "--time=5", f"--output={tmp_path / 'urgent.log'}", "--wrap", "sleep 2")
     preempted = wait_for_log(cluster, job, log, r"Signal SIGTERM: saved (\S+) at global step (\d+)")
     wait_for(cluster, urgent, {"COMPLETED"}, timeout=120)
     again = wait_for_log(cluster, job, log, r"Resumed from (\S+) at global step (\d+), epoch \d+ \(SLURM job \d+, restart 2\)")
@@ -213,7 +231,7 @@ def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
         "RESNET_SBATCH_OPTS": " ".join([*SBATCH_CPU, "--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.log"]),
     }
     proc = cluster.run_env(env, str(REPO / "slurm/chain.sh"), "imagenet_r50", "imagenet_r101", "--", *FIT_CPU,
-                           "--trainer.max_epochs", "1", "--data.stage_dir", f"{cluster.local}/stage")
+                           "--trainer.max_epochs", "1", "--data.stage_dir", f"{cluster.local}/stage-chain")
     jobs = re.findall(r"(imagenet_r\d+): training job (\d+) .*, 10crop evaluation job (\d+)", proc.stdout)
     ensemble = re.search(r"ensemble job (\d+): (\S+)", proc.stdout)
     assert len(jobs) == 2 and ensemble, proc.stdout + proc.stderr
@@ -241,7 +259,7 @@ def test_chain_trains_evaluates_and_ensembles(cluster, job_env, tmp_path):
     staged = re.findall(r"Staged \S+ on (node\d): 102 files \(\S+ MB\) (copied|reused)", logs)
     assert sorted(staged) == [("node1", "copied"), ("node1", "reused"), ("node2", "copied"), ("node2", "reused")], staged
     for node in ("node1", "node2"):
-        copies = list((cluster.dir / "nodes" / node / "local" / "stage").glob("*/.resnet-stage.json"))
+        copies = list((cluster.dir / "nodes" / node / "local" / "stage-chain").glob("*/.resnet-stage.json"))
         assert len(copies) == 1 and len(json.loads(copies[0].read_text())["files"]) == 102, copies
     table = Path(ensemble.group(2)).read_text()
     assert table.count("imagenet_r50-") >= 1 and table.count("imagenet_r101-") >= 1 and "ensemble" in table.lower(), table
