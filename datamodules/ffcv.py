@@ -9,7 +9,7 @@ import math
 import queue
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -166,9 +166,10 @@ class EpochLoader(Loader):
     first stops an unfinished one, whose thread FFCV leaves blocked; torch's thread count (FFCV sets it) is kept.
     Training loaders are resumable mid-epoch (`state_dict`, `load_state_dict`: a `TrainPosition`)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, resize: Optional[tuple] = None, **kwargs):
         threads = torch.get_num_threads()
         super().__init__(*args, **kwargs)
+        self._resize = resize  # (the crop decoder, epoch -> crop side): progressive resizing
         torch.set_num_threads(threads)
         # Lightning reads `batch_sampler` wherever a loader has a `sampler`.
         self.sampler, self.batch_sampler, self._running = _Epoch(self), None, None
@@ -208,6 +209,9 @@ class EpochLoader(Loader):
 
     def _pass(self):
         self._stop()
+        if self._resize is not None:
+            decoder, crop_at = self._resize
+            decoder.output_size = (crop_at(self.next_epoch),) * 2
         threads = torch.get_num_threads()
         self._running = running = super().__iter__()
         torch.set_num_threads(threads)
@@ -246,6 +250,8 @@ def train_loader(
     decoder = RandomResizedCropRGBImageDecoder((spec.crop_size, spec.crop_size), tuple(spec.scale), tuple(spec.ratio))
     return EpochLoader(
         str(beton), batch_size=spec.batch_size, num_workers=max(1, spec.num_workers), os_cache=os_cache,
+        # Progressive resizing: each pass sets the decoder's output size, and FFCV compiles the pipeline anew.
+        resize=(decoder, spec.train_crop_at) if spec.resizing is not None else None, recompile=spec.resizing is not None,
         order=OrderOption.QUASI_RANDOM if order == "quasi_random" else ShardedShuffle(
             spec.order or EpochOrder(len(spec.samples), spec.seed, spec.rank, spec.world_size, spec.batch_size)),
         seed=spec.seed, drop_last=True,
@@ -269,5 +275,5 @@ def val_loader(spec: LoaderSpec, beton: str | Path, os_cache: bool = True) -> Ep
         str(beton), batch_size=equal_count_batch_size(n, spec.world_size, spec.batch_size),
         num_workers=max(1, spec.num_workers), os_cache=os_cache, order=OrderOption.SEQUENTIAL, drop_last=False,
         indices=np.arange(spec.rank, n, spec.world_size),
-        pipelines=_pipelines([CenterCropDecoder(spec.crop_size, spec.val_resize_size)], spec.device),
+        pipelines=_pipelines([CenterCropDecoder(spec.val_crop_size, spec.val_resize_size)], spec.device),
     )

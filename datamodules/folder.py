@@ -213,11 +213,14 @@ class ImageFolderDataset(Dataset):
             path, label = self.samples[index]
         if self.transform is None:
             return image, label
+        transform = self.transform
+        if epoch is not None and hasattr(transform, "for_epoch"):  # progressive resizing: the epoch's crop side
+            transform = transform.for_epoch(epoch)
         if epoch is None or self.seed is None:
-            return self.transform(image), label
+            return transform(image), label
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, first))
-            return self.transform(image), label
+            return transform(image), label
 
 
 class _OrderBatches(Sampler[list[tuple[int, int]]]):

@@ -19,7 +19,8 @@ from datamodules.loaders import (EvalShardBatchSampler, LoaderSpec, default_num_
 from datamodules.order import EpochOrder, TrainPosition
 from datamodules.folder import DatasetLayoutError, ImageFolderDataset, SkippedImages, TrainLoader, WorkerSafeLoader
 from datamodules.samples import gather_objects, load_samples, sample_fingerprint, without_formats_dali_lacks
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_batch, train_transform, val_transform
+from datamodules.transforms import (IMAGENET_MEAN, IMAGENET_STD, EpochTransform, ProgressiveResizing, normalize_batch,
+                                    train_transform, val_transform)
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +33,15 @@ class ImageNetDataModule(pl.LightningDataModule):
         num_workers: Optional[int] = None,
         crop_size: int = 224,
         val_resize_size: int = 256,
+        val_crop_size: Optional[int] = None,
+        progressive_resizing: Optional[ProgressiveResizing] = None,
         train_augmentation: Literal["random_resized_crop", "scale_jitter"] = "random_resized_crop",
         random_resized_crop_scale: tuple[float, float] = (0.08, 1.0),
         scale_jitter_range: tuple[int, int] = (256, 480),
         hflip: bool = True,
         lighting_std: float = 0.0,
+        trivial_augment: bool = False,
+        random_erasing: float = 0.0,
         max_corrupt_train_images: int = 16,
         pin_memory: bool = True,
         seed: int = 0,
@@ -53,13 +58,21 @@ class ImageNetDataModule(pl.LightningDataModule):
             root: folder holding `train/<wnid>/*.JPEG` and `val/<wnid>/*.JPEG`.
             batch_size: global batch (all ranks together); each rank loads batch_size / world_size.
             num_workers: loader processes per rank; None = the CPUs this process may use, at most 8.
-            crop_size: side of the square training and validation crops.
+            crop_size: side of the square training crops, and of validation's unless val_crop_size is set.
             val_resize_size: validation shorter side before the centre crop (256 for 224 crops).
+            val_crop_size: side of the validation centre crop; None = crop_size. Training at a lower resolution
+                than testing (Touvron et al. 2019): torchvision's V2 recipe trains at 176 and tests 232 -> 224.
+            progressive_resizing: the training crop side by epoch (min_size, max_size, start_epoch, end_epoch:
+                FFCV's rule, datamodules/transforms.py); every backend follows it. None = crop_size throughout.
             train_augmentation: `random_resized_crop` (torchvision) or `scale_jitter` (He et al. 2015).
             random_resized_crop_scale: area fraction range of RandomResizedCrop.
             scale_jitter_range: shorter-side range of `scale_jitter` ([256, 480] in the paper).
             hflip: random horizontal flip of training crops.
             lighting_std: AlexNet PCA lighting noise std (0.1 in the paper; 0 = off).
+            trivial_augment: TrivialAugmentWide after the crop and flip (torchvision's V2 recipe); torchvision
+                backend only.
+            random_erasing: probability of RandomErasing a box of each training crop (0.1 in torchvision's V2
+                recipe); torchvision backend only.
             max_corrupt_train_images: unreadable training images skipped (each replaced by the next image, with a
                 warning naming it) in the whole run, all ranks and restarts together (`<run>/skipped_images.txt`),
                 before it stops; validation never skips one. A manifest's unreadable files are left out beforehand.
@@ -165,23 +178,27 @@ class ImageNetDataModule(pl.LightningDataModule):
             bad = found.left_out["train"]
             log.warning("%d unreadable training images left out (%s): %s%s", len(bad), found.source,
                         ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
-        if hp.backend != "torchvision" and (hp.train_augmentation != "random_resized_crop" or hp.lighting_std > 0):
+        if hp.backend != "torchvision" and (hp.train_augmentation != "random_resized_crop" or hp.lighting_std > 0
+                                            or hp.trivial_augment or hp.random_erasing > 0):
             raise ValueError(
                 f"data.backend={hp.backend}: data.train_augmentation={hp.train_augmentation} / data.lighting_std="
-                f"{hp.lighting_std} exist in the torchvision backend only (use random_resized_crop, lighting_std 0)"
+                f"{hp.lighting_std} / data.trivial_augment={hp.trivial_augment} / data.random_erasing="
+                f"{hp.random_erasing} exist in the torchvision backend only (use random_resized_crop, lighting_std 0, "
+                "no trivial_augment, random_erasing 0)"
             )
         self._sample_source = found.source
         if stage == "fit":
             self._train_fingerprint = sample_fingerprint(found.splits["train"], root / "train")
+            augment = dict(
+                scale=tuple(hp.random_resized_crop_scale),
+                scale_jitter=tuple(hp.scale_jitter_range) if hp.train_augmentation == "scale_jitter" else None,
+                hflip=hp.hflip, lighting_std=hp.lighting_std, trivial_augment=hp.trivial_augment,
+                random_erasing=hp.random_erasing,
+            )
             self.train_set = ImageFolderDataset(
                 found.splits["train"],
-                train_transform(
-                    crop_size=hp.crop_size,
-                    scale=tuple(hp.random_resized_crop_scale),
-                    scale_jitter=tuple(hp.scale_jitter_range) if hp.train_augmentation == "scale_jitter" else None,
-                    hflip=hp.hflip,
-                    lighting_std=hp.lighting_std,
-                ),
+                EpochTransform(self._resizing(), **augment) if self._resizing() else train_transform(
+                    crop_size=hp.crop_size, **augment),
                 skipped=SkippedImages(self._skip_file(), hp.max_corrupt_train_images),
                 seed=hp.seed,
             )
@@ -196,8 +213,12 @@ class ImageNetDataModule(pl.LightningDataModule):
         if stage in ("fit", "validate"):
             self.val_set = ImageFolderDataset(
                 found.splits["val"],
-                val_transform(crop_size=hp.crop_size, resize_size=hp.val_resize_size),
+                val_transform(crop_size=hp.val_crop_size or hp.crop_size, resize_size=hp.val_resize_size),
             )
+
+    def _resizing(self) -> Optional[ProgressiveResizing]:
+        value = self.hparams.progressive_resizing
+        return ProgressiveResizing(**value) if isinstance(value, dict) else value
 
     def _skip_file(self) -> Path:
         """The run's record of skipped images: in its folder, shared by its ranks and restarts. A fresh run (no
@@ -239,7 +260,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             crop_size=hp.crop_size, val_resize_size=hp.val_resize_size, scale=tuple(hp.random_resized_crop_scale),
             ratio=(3 / 4, 4 / 3), hflip=hp.hflip,
             device=self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu"),
-            order=order,
+            order=order, val_crop_size=hp.val_crop_size or hp.crop_size, resizing=self._resizing(),
         )
 
     def _backend_loader(self, split: str):

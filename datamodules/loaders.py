@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Sampler
 
 from datamodules.order import EpochOrder
+from datamodules.transforms import ProgressiveResizing
 
 
 class EvalShardBatchSampler(Sampler[list[int]]):
@@ -118,10 +119,19 @@ class LoaderSpec:
     batch_size: int  # per device
     num_workers: int
     seed: int
-    crop_size: int
+    crop_size: int  # training crop side (the first epoch's, with progressive resizing)
     val_resize_size: int
     scale: tuple[float, float]  # RandomResizedCrop area range
     ratio: tuple[float, float]  # RandomResizedCrop aspect-ratio range (3/4, 4/3)
     hflip: bool
     device: torch.device  # where the model runs (cuda:N or cpu)
     order: Optional[EpochOrder] = None  # training: this rank's order and resume position (set_epoch goes to it)
+    val_crop_size: int = 0  # validation crop side; 0 = crop_size
+    resizing: Optional[ProgressiveResizing] = None  # training crop side by epoch (None: crop_size throughout)
+
+    def __post_init__(self):
+        self.val_crop_size = self.val_crop_size or self.crop_size
+
+    def train_crop_at(self, epoch: int) -> int:
+        """The training crop side in `epoch` (0-based)."""
+        return self.resizing.at(epoch) if self.resizing is not None else self.crop_size

@@ -4,6 +4,7 @@ device (`normalize_batch`): workers ship uint8, a quarter of the bytes of float3
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
@@ -38,6 +39,31 @@ class Lighting(v2.Transform):
         return inpt + params["rgb"].view(3, 1, 1).to(inpt.dtype)
 
 
+@dataclass(frozen=True)
+class ProgressiveResizing:
+    """The training crop side by epoch, FFCV's rule (ffcv-imagenet's `get_resolution`): `min_size` up to epoch
+    `start_epoch` (0-based), `max_size` from `end_epoch` on, in between the linear interpolation rounded to a
+    multiple of 32 (half to even). FFCV's ResNet-50 recipes: 160 -> 192, e.g. epochs 65 -> 76 of 88."""
+
+    min_size: int = 160
+    max_size: int = 192
+    start_epoch: int = 0
+    end_epoch: int = 0
+
+    def __post_init__(self):
+        if not (0 < self.min_size <= self.max_size and 0 <= self.start_epoch <= self.end_epoch):
+            raise ValueError(f"data.progressive_resizing={self}: expected 0 < min_size <= max_size and "
+                             "0 <= start_epoch <= end_epoch")
+
+    def at(self, epoch: int) -> int:
+        if epoch <= self.start_epoch:
+            return self.min_size
+        if epoch >= self.end_epoch:
+            return self.max_size
+        size = self.min_size + (self.max_size - self.min_size) * (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch)
+        return int(round(size / 32)) * 32
+
+
 def train_transform(
     *,
     crop_size: int = 224,
@@ -45,9 +71,13 @@ def train_transform(
     scale_jitter: tuple[int, int] | None = None,
     hflip: bool = True,
     lighting_std: float = 0.0,
+    trivial_augment: bool = False,
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
     """RandomResizedCrop (default, torchvision/Inception style) or, with `scale_jitter=(256, 480)`, He et al.'s
-    shorter side random in the range then a random crop; optional flip and PCA lighting."""
+    shorter side random in the range then a random crop; optional flip, TrivialAugmentWide (Mueller & Hutter
+    2021), PCA lighting, and RandomErasing with probability `random_erasing` (Zhong et al. 2020; the erased box
+    takes the mean pixel, which normalisation maps to 0 as in torchvision's recipe, where erasing follows it)."""
     if scale_jitter is None:
         ops: list[v2.Transform] = [v2.RandomResizedCrop(crop_size, scale=scale, antialias=True)]
     else:
@@ -55,9 +85,31 @@ def train_transform(
         ops = [v2.RandomShortestSize(list(range(low, high + 1)), antialias=True), v2.RandomCrop(crop_size)]
     if hflip:
         ops.append(v2.RandomHorizontalFlip())
+    if trivial_augment:
+        ops.append(v2.TrivialAugmentWide())
     if lighting_std > 0:
         ops.append(Lighting(lighting_std))
+    if random_erasing > 0:
+        ops.append(v2.RandomErasing(random_erasing, value=[round(255 * m) for m in IMAGENET_MEAN]))
     return v2.Compose(ops)
+
+
+class EpochTransform:
+    """A training transform whose crop side follows a ProgressiveResizing schedule: `for_epoch(epoch)` is the
+    transform of that epoch (ImageFolderDataset asks with the epoch of each sample key)."""
+
+    def __init__(self, schedule: ProgressiveResizing, **train_kwargs):
+        self.schedule, self.train_kwargs = schedule, train_kwargs
+        self._by_size: dict[int, v2.Compose] = {}
+
+    def for_epoch(self, epoch: int) -> v2.Compose:
+        size = self.schedule.at(epoch)
+        if size not in self._by_size:
+            self._by_size[size] = train_transform(crop_size=size, **self.train_kwargs)
+        return self._by_size[size]
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # without an epoch: the first one's
+        return self.for_epoch(0)(image)
 
 
 def val_transform(*, crop_size: int = 224, resize_size: int = 256) -> v2.Compose:

@@ -18,7 +18,7 @@ from datamodules.imagenet import ImageNetDataModule
 from datamodules.transforms import EvalViews, normalize_batch
 from tests.conftest import REPO, run_resnet, tiny_fit_args
 from train.evaluate import ViewAveraging, evaluate
-from train.model import build_resnet
+from train.networks import build_resnet
 from train.results import ensemble, save_result, topk_accuracy
 from train.weights import infer_arch, load_weights
 

@@ -7,7 +7,9 @@ from tests.conftest import last_metrics, run_resnet, tiny_fit_args
 
 def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
     run_dir = tmp_path / "run"
-    run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "1"))
+    # Time to accuracy: a threshold any validation passes and one none does.
+    tta = ("--report.time_to_accuracy", "[0.0001, 1.0]")
+    run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "1", *tta))
     ckpt_dir = run_dir / "checkpoints"
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["best.ckpt", "last.ckpt"]
     first = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
@@ -20,11 +22,16 @@ def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
     assert metrics["val/images"] == 30
     assert 0 <= metrics["val/acc1"] <= 1 and metrics["train/images_per_sec"] > 0
     assert "train/lr" in metrics
+    assert metrics["time_to_acc1_0.01/epoch"] == 1 and 0 < metrics["time_to_acc1_0.01/hours"] < 0.1
+    assert not any(k.startswith("time_to_acc1_100/") for k in metrics)
 
     with pytest.raises(AssertionError, match="last.ckpt exists: resume that run with --ckpt_path last"):
         run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "2"))  # would overwrite the run
-    proc = run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "2", "--ckpt_path", "last"))
+    proc = run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "2", "--ckpt_path", "last", *tta))
     assert "Restoring states from the checkpoint path at" in proc.stdout + proc.stderr
+    # Reached in the first life, reported from the history the checkpoint kept, not logged again.
+    assert "val/acc1 >= 0.01%: first at epoch 1, after" in proc.stdout and "val/acc1 >= 100%: not reached" in proc.stdout
+    assert not any(k.startswith("time_to_acc1") for k in last_metrics(run_dir))
     second = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
     assert second["global_step"] == 18
     sched = second["lr_schedulers"][0]

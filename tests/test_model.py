@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from train.model import ImageNetClassifier, build_resnet
+from train.model import ImageNetClassifier
+from train.networks import build_resnet
 
 # torchvision's published parameter counts (its weights' documentation).
 PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160, "resnet152": 60_192_808}

@@ -24,7 +24,7 @@ from datamodules.imagenet import ImageNetDataModule
 from datamodules.loaders import default_num_workers
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, PAPER_SCALES, EvalViews
 from train.evaluate import evaluate
-from train.model import Arch, build_resnet
+from train.networks import Arch, build_resnet
 from train.results import console
 
 Backend = Literal["torchvision", "dali", "ffcv", "pil"]

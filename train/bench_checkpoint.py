@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from train.checkpointing import AtomicCheckpointIO
-from train.model import Arch, build_resnet
+from train.networks import Arch, build_resnet
 from train.results import console
 
 

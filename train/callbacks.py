@@ -124,9 +124,21 @@ class ImagesPerSecond(Callback):
 
 class TrainingReport(Callback):
     """Keeps one row per epoch (epoch, lr, wall time, losses, accuracies; kept across resumes) and at the end of
-    fit writes `history.csv` and `curves.png` into the run's log folder and prints the table."""
+    fit writes `history.csv` and `curves.png` into the run's log folder and prints the table.
 
-    def __init__(self) -> None:
+    Time to accuracy: the first epoch whose validation reaches each of `time_to_accuracy` (val/acc1) is logged to
+    every logger (CSV, W&B) as `time_to_acc1_<percent>/epoch` and `time_to_acc1_<percent>/hours`: the wall time of
+    the epochs so far (training and validation; start-up and time lost to interruptions not counted), and printed
+    in the report."""
+
+    def __init__(self, time_to_accuracy: tuple[float, ...] = (0.70, 0.75, 0.759)) -> None:
+        """
+        Args:
+            time_to_accuracy: val/acc1 thresholds (fractions; 0.759 is MLPerf's ResNet-50 target).
+        """
+        if any(not 0 < t <= 1 for t in time_to_accuracy):
+            raise ValueError(f"report.time_to_accuracy={list(time_to_accuracy)}: expected fractions in (0, 1]")
+        self.thresholds = tuple(sorted(time_to_accuracy))
         self.history: list[dict[str, float]] = []
         self._t0, self._lr, self._validated = 0.0, 0.0, False
 
@@ -152,6 +164,22 @@ class TrainingReport(Callback):
             if value is not None:
                 row[key] = float(value)
         self.history.append(row)
+        for threshold, reached in self.time_to_accuracy().items():
+            if reached["epoch"] == trainer.current_epoch + 1:  # first reached in this epoch
+                name = f"time_to_acc1_{100 * threshold:g}"
+                pl_module.log(f"{name}/epoch", float(reached["epoch"]), on_step=False, on_epoch=True)
+                pl_module.log(f"{name}/hours", reached["hours"], on_step=False, on_epoch=True)
+
+    def time_to_accuracy(self) -> dict[float, dict[str, float]]:
+        """{threshold: {"epoch": 1-based epoch, "hours": wall time of the epochs up to it}} of the thresholds reached."""
+        reached: dict[float, dict[str, float]] = {}
+        seconds = 0.0
+        for row in self.history:
+            seconds += row["epoch_s"]
+            for t in self.thresholds:
+                if t not in reached and row.get("val/acc1", -1.0) >= t:
+                    reached[t] = {"epoch": row["epoch"] + 1, "hours": seconds / 3600}
+        return reached
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -171,6 +199,10 @@ class TrainingReport(Callback):
             writer.writerows(self.history)
         plot_curves(self.history, out / "curves.png")
         print_history(self.history, out)
+        for t in self.thresholds:
+            reached = self.time_to_accuracy().get(t)
+            Console().print(f"val/acc1 >= {100 * t:g}%: " + (
+                f"first at epoch {reached['epoch']}, after {reached['hours']:.3g} h of epochs" if reached else "not reached"))
 
 
 def plot_curves(history: list[dict[str, float]], path: Path) -> None:

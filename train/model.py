@@ -10,36 +10,13 @@ from typing import Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-import torchvision
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from datamodules.folder import DatasetLayoutError
-from train.optim import lr_factor, param_groups, scaled_lr
-
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
-
-
-def build_resnet(arch: Arch, num_classes: int = 1000, zero_init_residual: bool = False) -> nn.Module:
-    """torchvision's ResNet (v1.5: stride 2 on the bottleneck's 3x3), randomly initialised."""
-    return getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
-
-
-def load_state_dict_file(net: nn.Module, path: str) -> None:
-    """Load a torchvision-format state dict (`conv1.weight`, ..., `fc.bias`) from a file, strictly."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"model.pretrained: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    own = net.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-    shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{path}: not a state dict of this model; missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"shape mismatch {shapes[:3]}"
-        )
-    net.load_state_dict(state)
+from train.networks import Arch, build_resnet, load_state_dict_file
+from train.optim import Schedule, lr_factor, make_optimizer, param_groups, scaled_lr
 
 
 def is_log_step(trainer: pl.Trainer, step: int, batch_idx: int) -> bool:
@@ -67,10 +44,20 @@ class ImageNetClassifier(pl.LightningModule):
         momentum: float = 0.9,
         nesterov: bool = False,
         weight_decay: float = 1e-4,
-        lr_schedule: Literal["step", "cosine"] = "step",
+        weight_decay_norm_and_bias: bool = False,
+        optimizer: Literal["sgd", "lars"] = "sgd",
+        lars_trust_coefficient: float = 0.001,
+        lr_schedule: Schedule = "step",
         lr_milestones: tuple[float, ...] = (30, 60, 80),
         lr_gamma: float = 0.1,
+        lr_end_factor: float = 0.0,
+        lr_poly_power: float = 2.0,
         warmup_epochs: float = 0.0,
+        warmup_start_factor: float = 0.0,
+        blurpool: bool = False,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        val_flip_average: bool = False,
     ):
         """
         Args:
@@ -86,14 +73,36 @@ class ImageNetClassifier(pl.LightningModule):
             momentum: SGD momentum.
             nesterov: Nesterov momentum.
             weight_decay: L2 penalty on conv and linear weights (not on BatchNorm parameters or biases).
-            lr_schedule: `step` (x lr_gamma at each of lr_milestones) or `cosine` (to 0 at the last step).
+            weight_decay_norm_and_bias: decay BatchNorm parameters and biases too (He et al. 2015, torchvision's
+                V1 recipe).
+            optimizer: `sgd` (with momentum) or `lars` (timm's LARS: layer-wise trust ratio on decayed tensors,
+                You et al. 2017; MLPerf's large-batch recipe).
+            lars_trust_coefficient: LARS's eta (0.001 in MLPerf's reference).
+            lr_schedule: after warmup, `step` (x lr_gamma at each of lr_milestones), `cosine`, `linear` (FFCV's
+                ramp down) or `poly` (MLPerf), the last three from the base lr to lr_end_factor x it at the last
+                step (train/optim.py: lr_factor).
             lr_milestones: epochs at which the step schedule multiplies the lr by lr_gamma.
             lr_gamma: step schedule factor.
+            lr_end_factor: the lr at the last step as a fraction of the base lr (cosine, linear, poly).
+            lr_poly_power: exponent of the `poly` schedule (2 in MLPerf).
             warmup_epochs: linear lr warmup length in epochs (5 for large batches, Goyal et al.).
+            warmup_start_factor: the warmup's first lr as a fraction of the base lr (Goyal et al.: the small-batch
+                lr, 256 / batch; torchvision V2: 0.01; FFCV: 1e-4); 0 starts from base / warmup steps.
+            blurpool: BlurPool before each strided convolution of 16+ input channels (FFCV's recipes;
+                train/networks.py).
+            mixup_alpha: MixUp (Zhang et al. 2018) of training batches with Beta(alpha, alpha) weights; 0 = off.
+            cutmix_alpha: CutMix (Yun et al. 2019) with Beta(alpha, alpha) areas; 0 = off. With both, each batch
+                gets one of the two at random (torchvision's V2 recipe: 0.2 and 1.0). torchvision.transforms.v2.
+            val_flip_average: validation averages the logits of each image and its mirror (FFCV's recipes).
         """
         super().__init__()
         self.save_hyperparameters()
-        self.net = build_resnet(arch, num_classes, zero_init_residual)
+        if optimizer not in ("sgd", "lars"):
+            raise ValueError(f"model.optimizer={optimizer!r}: expected sgd or lars")
+        if min(mixup_alpha, cutmix_alpha) < 0:
+            raise ValueError(f"model.mixup_alpha={mixup_alpha}, model.cutmix_alpha={cutmix_alpha}: expected >= 0")
+        self.net = build_resnet(arch, num_classes, zero_init_residual, blurpool)
+        self.batch_mix = batch_mix(num_classes, mixup_alpha, cutmix_alpha)
         if pretrained:
             load_state_dict_file(self.net, pretrained)
         if channels_last:  # before DDP wraps the model
@@ -133,8 +142,14 @@ class ImageNetClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
+        targets = labels
+        if self.batch_mix is not None:
+            # Soft targets [N, classes]; training accuracy counts the larger of the two mixed labels, as
+            # torchvision's reference does.
+            images, targets = self.batch_mix(images, labels)
+            labels = targets.argmax(dim=1)
         logits = self(images)
-        loss = self.criterion(logits, labels)
+        loss = self.criterion(logits, targets)
         # Step values are this rank's batch; epoch values are reduced over all ranks by torchmetrics. The progress
         # bar reads its metrics back every step: only when there is one (interactive runs).
         self.train_loss(loss.detach())
@@ -158,6 +173,8 @@ class ImageNetClassifier(pl.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         logits = self(images)
+        if self.hparams.val_flip_average:
+            logits = (logits + self(images.flip(-1))) / 2
         self.val_loss(self.criterion(logits, labels), weight=labels.numel())
         self.val_acc1(logits, labels)
         self.val_acc5(logits, labels)
@@ -169,17 +186,19 @@ class ImageNetClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        optimizer = torch.optim.SGD(
-            param_groups(self.net, h.weight_decay),
+        optimizer = make_optimizer(
+            param_groups(self.net, h.weight_decay, h.get("weight_decay_norm_and_bias", False)),
+            h.get("optimizer", "sgd"),
             # Lightning averages the loss over accumulated batches: one step sees batch_size x accumulate images.
             lr=scaled_lr(h.lr_per_256, h.batch_size * self.trainer.accumulate_grad_batches),
             momentum=h.momentum,
             nesterov=h.nesterov,
+            trust_coefficient=h.get("lars_trust_coefficient", 0.001),
         )
         total_steps = self.trainer.estimated_stepping_batches  # also sets num_training_batches
         if not math.isfinite(total_steps):
-            if h.lr_schedule == "cosine":
-                raise ValueError("model.lr_schedule=cosine needs trainer.max_epochs or trainer.max_steps")
+            if h.lr_schedule != "step":
+                raise ValueError(f"model.lr_schedule={h.lr_schedule} needs trainer.max_epochs or trainer.max_steps")
             total_steps = 0  # unused by the step schedule
         if not math.isfinite(self.trainer.num_training_batches):
             # max_epochs unset (max_steps alone): Lightning has not sized the loader yet; epochs in the schedule
@@ -194,6 +213,20 @@ class ImageNetClassifier(pl.LightningModule):
             milestones=tuple(h.lr_milestones),
             gamma=h.lr_gamma,
             warmup_epochs=h.warmup_epochs,
+            warmup_start_factor=h.get("warmup_start_factor", 0.0),
+            end_factor=h.get("lr_end_factor", 0.0),
+            power=h.get("lr_poly_power", 2.0),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def batch_mix(num_classes: int, mixup_alpha: float, cutmix_alpha: float):
+    """torchvision.transforms.v2's MixUp and/or CutMix (one of them at random per batch when both alphas are > 0):
+    (images [N, C, H, W], labels [N] int64) -> (mixed images, soft targets [N, classes] float32); None when both
+    are 0."""
+    from torchvision.transforms import v2
+
+    mixes = ([v2.MixUp(alpha=mixup_alpha, num_classes=num_classes)] if mixup_alpha > 0 else []) + (
+        [v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes)] if cutmix_alpha > 0 else [])
+    return None if not mixes else mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)

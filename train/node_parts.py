@@ -24,7 +24,8 @@ from rich.markup import escape
 
 from datamodules.transforms import PAPER_SCALES
 from train import bench
-from train.model import ImageNetClassifier, build_resnet
+from train.model import ImageNetClassifier
+from train.networks import build_resnet
 from train.optim import param_groups, scaled_lr
 from train.results import console
 

@@ -31,7 +31,7 @@ from datamodules.loaders import usable_cpus
 from train import node_gpu_tests, node_parts
 from train.callbacks import git_commit
 from train.evaluate import exit_with_error
-from train.model import Arch
+from train.networks import Arch
 
 SCHEMA = "resnet-node-report/1"
 

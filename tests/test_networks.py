@@ -1,0 +1,66 @@
+"""The network variants of the recipes (train/networks.py) and the batch mixing of the model, against direct
+computations."""
+
+import pytest
+import torch
+import torchvision
+from torch.nn import functional as F
+
+from train.model import ImageNetClassifier, batch_mix
+from train.networks import BlurPoolConv2d, build_resnet
+
+
+def test_blurpool_sits_before_each_strided_convolution_and_blurs_as_ffcv_does():
+    plain, blurred = build_resnet("resnet50"), build_resnet("resnet50", blurpool=True)
+    wrapped = sorted(n for n, m in blurred.named_modules() if isinstance(m, BlurPoolConv2d))
+    # FFCV's rule: stride > 1 and 16+ input channels: not the RGB stem; the 3x3 and the shortcut of layers 2-4.
+    assert wrapped == sorted(f"layer{i}.0.{c}" for i in (2, 3, 4) for c in ("conv2", "downsample.0"))
+    assert blurred.state_dict().keys() == plain.state_dict().keys()  # torchvision's keys: weights load both ways
+    blurred.load_state_dict(plain.state_dict())
+    conv = blurred.layer2[0].conv2
+    x = torch.randn(2, conv.in_channels, 12, 12)
+    kernel = torch.tensor([[1.0, 2, 1], [2, 4, 2], [1, 2, 1]]) / 16  # FFCV's filter, zero padding 1, stride 1
+    blur = F.conv2d(x, kernel.expand(conv.in_channels, 1, 3, 3), padding=1, groups=conv.in_channels)
+    expected = F.conv2d(blur, plain.layer2[0].conv2.weight, stride=2, padding=1)
+    assert torch.allclose(conv(x), expected, atol=1e-5)
+    assert blurred(torch.randn(1, 3, 64, 64)).shape == (1, 1000)
+
+
+def test_head_computes_in_float32_under_bf16_autocast():
+    net = build_resnet("resnet18", num_classes=10).eval()
+    features = torch.randn(4, 512)
+    exact = features.double() @ net.fc.weight.double().T + net.fc.bias.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = net.fc(features)
+        plain = torchvision.models.resnet18(num_classes=10).fc
+        plain.load_state_dict(net.fc.state_dict())
+        assert plain(features).dtype == torch.bfloat16  # what the head would otherwise give
+        assert net(torch.randn(1, 3, 32, 32)).dtype == torch.float32
+    assert logits.dtype == torch.float32 and torch.allclose(logits.double(), exact, atol=1e-5)
+
+
+def test_mixup_and_cutmix_targets_equal_the_formulas():
+    torch.manual_seed(0)
+    images, labels = torch.rand(6, 3, 16, 16), torch.arange(6)
+    mixed, targets = batch_mix(10, 0.2, 0.0)(images, labels)
+    lam = targets[0, 0].item()  # image 0 keeps lam of its label 0 and takes 1 - lam of image 5's label 5
+    onehot = F.one_hot(labels, 10).float()
+    assert torch.allclose(targets, lam * onehot + (1 - lam) * onehot.roll(1, 0))
+    assert torch.allclose(mixed, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-6)
+    mixed, targets = batch_mix(10, 0.0, 1.0)(images, labels)
+    from_rolled = (mixed == images.roll(1, 0)).all(dim=1) & (mixed != images).any(dim=1)  # [N, H, W]
+    lam = 1 - from_rolled[0].float().mean().item()  # CutMix's lam: the share of the image kept
+    assert torch.allclose(targets, lam * onehot + (1 - lam) * onehot.roll(1, 0), atol=1e-6)
+    assert batch_mix(10, 0.0, 0.0) is None
+
+
+def test_model_with_mixing_and_blurpool_trains_on_soft_targets():
+    model = ImageNetClassifier(arch="resnet18", num_classes=4, mixup_alpha=0.2, cutmix_alpha=1.0, blurpool=True)
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    mixed, targets = model.batch_mix(images, labels)
+    assert targets.shape == (4, 4) and torch.allclose(targets.sum(1), torch.ones(4))
+    loss = model.criterion(model(mixed), targets)
+    loss.backward()
+    assert torch.isfinite(loss) and model.net.fc.weight.grad is not None
+    with pytest.raises(ValueError, match="model.optimizer='adam'"):
+        ImageNetClassifier(arch="resnet18", optimizer="adam")

@@ -1,0 +1,85 @@
+"""The networks: torchvision's ResNets, optionally with BlurPool before strided convolutions, and a classifier
+head that computes in float32 under autocast. State-dict keys stay torchvision's in every variant."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+
+
+class Float32Head(nn.Linear):
+    """The classifier: a Linear layer that computes in float32 whatever autocast or the weights' dtype says, so
+    bf16 training and evaluation get float32 logits and softmax (a bf16 logit keeps 8 bits of mantissa: near-equal
+    classes would tie). Returns float32 [N, out_features]."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), self.weight.float(), bias)
+
+
+class BlurPoolConv2d(nn.Conv2d):
+    """A strided convolution that first blurs its input with a 3x3 binomial filter ([1, 2, 1] x [1, 2, 1] / 16,
+    stride 1, zero padding): anti-aliased downsampling (Zhang 2019, "Making Convolutional Networks Shift-Invariant
+    Again"), placed as FFCV's ResNet recipes place it. The blur is timm's BlurPool2d; its filter is a
+    non-persistent buffer, so the state dict holds only the convolution's own tensors."""
+
+    def __init__(self, conv: nn.Conv2d):
+        from timm.layers import BlurPool2d
+
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                         bias=conv.bias is not None, padding_mode=conv.padding_mode)
+        self.load_state_dict(conv.state_dict())
+        self.blur = BlurPool2d(conv.in_channels, filt_size=3, stride=1, pad_mode="constant")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.blur(x))
+
+
+def add_blurpool(net: nn.Module) -> int:
+    """Replace every convolution with stride > 1 and at least 16 input channels (FFCV's rule: not the RGB stem) by
+    a BlurPoolConv2d, in place; returns how many. ResNet-50: the 3x3 and the shortcut 1x1 of the first block of
+    layers 2-4 (6)."""
+    count = 0
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Conv2d and max(child.stride) > 1 and child.in_channels >= 16:
+                setattr(module, name, BlurPoolConv2d(child))
+                count += 1
+    return count
+
+
+def build_resnet(arch: Arch, num_classes: int = 1000, zero_init_residual: bool = False, blurpool: bool = False) -> nn.Module:
+    """torchvision's ResNet (v1.5: stride 2 on the bottleneck's 3x3), randomly initialised, with a float32 head
+    (Float32Head) and, with `blurpool`, BlurPool before its strided convolutions (add_blurpool)."""
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
+    head = Float32Head(net.fc.in_features, net.fc.out_features)
+    head.load_state_dict(net.fc.state_dict())
+    net.fc = head
+    if blurpool:
+        add_blurpool(net)
+    return net
+
+
+def load_state_dict_file(net: nn.Module, path: str) -> None:
+    """Load a torchvision-format state dict (`conv1.weight`, ..., `fc.bias`) from a file, strictly."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"model.pretrained: {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    own = net.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path}: not a state dict of this model; missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"shape mismatch {shapes[:3]}"
+        )
+    net.load_state_dict(state)
