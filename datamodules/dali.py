@@ -199,7 +199,7 @@ class DaliLoader:
         seed = int(np.random.SeedSequence([spec.seed, spec.rank, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
         return _graph(
             [p for p, _ in samples], [label for _, label in samples], train=self.train, device=self.device,
-            crop=spec.train_crop_at(epoch) if self.train else spec.val_crop_size, resize=spec.val_resize_size, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
+            crop=spec.train_crop_at(epoch) if self.train else spec.val_crop, resize=spec.val_resize_size, scale=tuple(spec.scale), ratio=tuple(spec.ratio),
             hflip=spec.hflip, batch_size=self.batch_size, num_threads=max(1, spec.num_workers),
             device_id=self.device_id, seed=seed, enable_checkpointing=self.train, checkpoint=checkpoint,
         )

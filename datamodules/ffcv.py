@@ -275,5 +275,5 @@ def val_loader(spec: LoaderSpec, beton: str | Path, os_cache: bool = True) -> Ep
         str(beton), batch_size=equal_count_batch_size(n, spec.world_size, spec.batch_size),
         num_workers=max(1, spec.num_workers), os_cache=os_cache, order=OrderOption.SEQUENTIAL, drop_last=False,
         indices=np.arange(spec.rank, n, spec.world_size),
-        pipelines=_pipelines([CenterCropDecoder(spec.val_crop_size, spec.val_resize_size)], spec.device),
+        pipelines=_pipelines([CenterCropDecoder(spec.val_crop, spec.val_resize_size)], spec.device),
     )

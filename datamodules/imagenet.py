@@ -260,7 +260,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             crop_size=hp.crop_size, val_resize_size=hp.val_resize_size, scale=tuple(hp.random_resized_crop_scale),
             ratio=(3 / 4, 4 / 3), hflip=hp.hflip,
             device=self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu"),
-            order=order, val_crop_size=hp.val_crop_size or hp.crop_size, resizing=self._resizing(),
+            order=order, val_crop_size=hp.val_crop_size, resizing=self._resizing(),
         )
 
     def _backend_loader(self, split: str):

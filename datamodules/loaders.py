@@ -126,12 +126,14 @@ class LoaderSpec:
     hflip: bool
     device: torch.device  # where the model runs (cuda:N or cpu)
     order: Optional[EpochOrder] = None  # training: this rank's order and resume position (set_epoch goes to it)
-    val_crop_size: int = 0  # validation crop side; 0 = crop_size
+    val_crop_size: Optional[int] = None  # validation crop side; None = crop_size (see val_crop)
     resizing: Optional[ProgressiveResizing] = None  # training crop side by epoch (None: crop_size throughout)
 
-    def __post_init__(self):
-        self.val_crop_size = self.val_crop_size or self.crop_size
+    @property
+    def val_crop(self) -> int:
+        """The validation crop side in pixels."""
+        return self.val_crop_size or self.crop_size
 
     def train_crop_at(self, epoch: int) -> int:
-        """The training crop side in `epoch` (0-based)."""
+        """The training crop side in pixels in `epoch` (0-based)."""
         return self.resizing.at(epoch) if self.resizing is not None else self.crop_size

@@ -56,6 +56,7 @@ class ProgressiveResizing:
                              "0 <= start_epoch <= end_epoch")
 
     def at(self, epoch: int) -> int:
+        """The training crop side in pixels for 0-based `epoch`."""
         if epoch <= self.start_epoch:
             return self.min_size
         if epoch >= self.end_epoch:
@@ -125,8 +126,10 @@ PAPER_SCALES = (224, 256, 384, 480, 640)
 class EvalViews:
     """The views of one image that an ILSVRC evaluation protocol averages, each a uint8 CHW tensor:
     - `center`: shorter side to `resize_size`, the centre `crop_size` square (1 view, torchvision's protocol);
-    - `10crop`: shorter side to `resize_size`, then torchvision's TenCrop: the four corner crops and the
-      centre crop, then the same five mirrored (AlexNet's "standard 10-crop", He et al. Table 3);
+    - `10crop`: shorter side to `resize_size`, then the four corner crops and the centre crop, then the same five
+      mirrored. `ten_crop_region="image"` takes the corners of the whole resized image (torchvision's TenCrop);
+      `"center_square"` those of its central `resize_size` square, as AlexNet's "standard 10-crop" did on its
+      256 x 256 images (Krizhevsky et al. 2012), the protocol He et al. cite for Table 3;
     - `multiscale`: the whole image with its shorter side at each of `scales`, uncropped, and mirrored if `flip`
       (the fully-convolutional test of He et al. Table 4; global average pooling absorbs the size).
     Resizing is bilinear with antialiasing, as in torchvision's weights' own transforms."""
@@ -139,9 +142,13 @@ class EvalViews:
         resize_size: int = 256,
         scales: Sequence[int] = PAPER_SCALES,
         flip: bool = True,
+        ten_crop_region: Literal["image", "center_square"] = "image",
     ):
         if protocol not in ("center", "10crop", "multiscale"):
             raise ValueError(f"protocol={protocol!r}: expected center, 10crop or multiscale")
+        if ten_crop_region not in ("image", "center_square"):
+            raise ValueError(f"ten_crop_region={ten_crop_region!r}: expected image or center_square")
+        self.ten_crop_region = ten_crop_region
         if protocol != "multiscale" and resize_size < crop_size:
             raise ValueError(f"resize_size={resize_size} is smaller than crop_size={crop_size}")
         if protocol == "multiscale" and (not scales or min(scales) < 32):
@@ -159,7 +166,10 @@ class EvalViews:
         if self.protocol == "center":
             return [self._crops(self._resize(image))]
         if self.protocol == "10crop":
-            return list(self._crops(self._resize(image)))
+            resized = self._resize(image)
+            if self.ten_crop_region == "center_square":
+                resized = v2.functional.center_crop(resized, [min(resized.shape[-2:])] * 2)
+            return list(self._crops(resized))
         views = []
         for scale in self.scales:
             view = v2.functional.resize(image, scale, antialias=True)
@@ -169,7 +179,8 @@ class EvalViews:
     def describe(self) -> str:
         if self.protocol == "multiscale":
             return f"multiscale: shorter side {list(self.scales)}{', + flips' if self.flip else ''}"
-        return f"{self.protocol}: resize {self.resize_size}, crop {self.crop_size}"
+        square = ", corners of the central square" if self.protocol == "10crop" and self.ten_crop_region == "center_square" else ""
+        return f"{self.protocol}: resize {self.resize_size}, crop {self.crop_size}{square}"
 
 
 def normalize_batch(

@@ -38,6 +38,20 @@ def test_bench_model_and_fit(demo_root):
     assert "model ceiling (training step): resnet50, batch 8, 32px, 32-true" in proc.stdout
 
 
+def test_bench_recipes_estimates_each_recipe_from_the_measured_rates(tmp_path):
+    from train.bench_recipes import TRAIN_IMAGES, bench_recipes
+
+    out = bench_recipes("resnet18", sizes=[160, 192], batch_size=2, precision="32-true", steps=1, warmup_steps=1,
+                        gpus=8, accelerator="cpu", output=str(tmp_path / "r.json"))
+    rates = {int(k): v for k, v in out["images_per_sec"].items()}
+    assert set(rates) == {160, 192} and all(v > 0 for v in rates.values())
+    epoch_hours = lambda rate: TRAIN_IMAGES / (8 * rate) / 3600
+    # FFCV's 16 epochs: 160 px up to epoch 11, 192 from epoch 12 (progressive resizing).
+    assert out["recipes"]["ffcv_rn50_16"]["hours"] == pytest.approx(12 * epoch_hours(rates[160]) + 4 * epoch_hours(rates[192]))
+    # 224 px (paper, 120 epochs): the nearest measured side, 192, scaled by the pixel ratio.
+    assert out["recipes"]["paper"]["hours"] == pytest.approx(120 * epoch_hours(rates[192] * (192 / 224) ** 2))
+    assert json.loads((tmp_path / "r.json").read_text())["recipes"]["mlperf_r50"]["epochs"] == 36
+
 def _check_rows(rows: list[dict]) -> None:
     """Each row ok with a positive, finite images/s (the GPU tests have none) or skipped with a reason; none failed."""
     for r in rows:

@@ -74,6 +74,26 @@ def test_ten_crop_views_equal_torchvision_tencrop(photo_root):
         assert torch.equal(got[9], mirrored[:, top:top + 224, left:left + 224])
 
 
+def test_ten_crop_of_the_central_square_takes_alexnets_corners(photo_root):
+    dm, (groups, _, indices) = loader_batch(
+        photo_root, EvalViews("10crop", crop_size=224, resize_size=256, ten_crop_region="center_square"))
+    for position, index in enumerate(indices.tolist()):
+        resized = v2.Resize(256, antialias=True)(decode(dm.dataset.samples[index][0]))
+        h, w = resized.shape[-2:]
+        # By hand: the central 256 x 256 square (AlexNet's image), its corners and centre, then their mirrors.
+        top, left = round((h - 256) / 2), round((w - 256) / 2)
+        square = resized[:, top:top + 256, left:left + 256]
+        expected = [square[:, :224, :224], square[:, :224, 32:], square[:, 32:, :224], square[:, 32:, 32:],
+                    square[:, 16:240, 16:240]]
+        expected += [e.flip(-1) for e in (expected[1], expected[0], expected[3], expected[2], expected[4])]
+        got = views_of(groups, position)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected)) and len(got) == 10
+        if w != h:  # the corners differ from torchvision's TenCrop of the whole resized image
+            assert not torch.equal(got[0], resized[:, :224, :224]) or not torch.equal(got[3], resized[:, h - 224:, w - 224:])
+    with pytest.raises(ValueError, match="ten_crop_region='corners'"):
+        EvalViews("10crop", ten_crop_region="corners")
+
+
 def test_center_view_is_torchvision_protocol(photo_root):
     dm, (groups, _, indices) = loader_batch(photo_root, EvalViews("center", crop_size=224, resize_size=232))
     reference = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.transforms()  # resize 232, crop 224, bilinear

@@ -141,12 +141,14 @@ class TrainingReport(Callback):
         self.thresholds = tuple(sorted(time_to_accuracy))
         self.history: list[dict[str, float]] = []
         self._t0, self._lr, self._validated = 0.0, 0.0, False
+        self._resumed_epoch_s = 0.0  # of an epoch interrupted part-way, from the checkpoint
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validated = not trainer.sanity_checking
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._t0 = time.perf_counter()  # a mid-epoch resume skips on_train_epoch_start
+        # A mid-epoch resume skips on_train_epoch_start: the epoch's time before the interruption counts too.
+        self._t0 = time.perf_counter() - self._resumed_epoch_s
         self._lr = trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -182,10 +184,13 @@ class TrainingReport(Callback):
         return reached
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history}
+        # The running epoch's seconds so far: a mid-epoch checkpoint resumes the clock there (an epoch-end one
+        # starts a new epoch, whose on_train_epoch_start resets it).
+        return {"history": self.history, "epoch_s": time.perf_counter() - self._t0 if self._t0 else 0.0}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict["history"])
+        self._resumed_epoch_s = float(state_dict.get("epoch_s", 0.0))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank asks

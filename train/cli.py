@@ -131,12 +131,12 @@ def prepare_main(args: list[str]) -> None:
 
 
 def bench_main(args: list[str]) -> None:
-    from train import bench, bench_checkpoint, bench_start, node_report  # only this command needs them
+    from train import bench, bench_checkpoint, bench_recipes, bench_start, node_report  # only this command needs them
 
     args = underscore_options(args)
     commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval,
                 "node": node_report.bench_node, "checkpoint": bench_checkpoint.bench_checkpoint,
-                "start": bench_start.bench_start}
+                "start": bench_start.bench_start, "recipes": bench_recipes.bench_recipes}
     try:
         auto_cli(commands, args=args, as_positional=False)
     except (Requeued, Preempted) as saved:  # a benchmark's fit got the job's signal: stop the benchmark, not a row

@@ -139,6 +139,7 @@ def evaluate(
     crop_size: int = 224,
     resize_size: Optional[int] = None,
     flip: bool = True,
+    ten_crop_region: Literal["image", "center_square"] = "image",
     output: Optional[str] = None,
     channels_last: Optional[bool] = None,
     max_pixels_per_forward: int = DEFAULT_MAX_PIXELS,
@@ -158,6 +159,9 @@ def evaluate(
         resize_size: center and 10crop shorter side before cropping; None = 256 (torchvision's V2 weights
             were published with 232 for ResNet-50: pass it to reproduce their number).
         flip: multiscale: also the mirrored image at every scale.
+        ten_crop_region: 10crop: the corners of the whole resized image (`image`, torchvision's TenCrop) or of its
+            central square (`center_square`: AlexNet's 10-crop on 256 x 256 images, which He et al. 2015 cite for
+            their Table 3).
         output: result file (.pt: per-image float16 probabilities, labels, ids, metrics); a .json of the
             metrics is written beside it.
         channels_last: NHWC network and inputs; None = on a GPU.
@@ -171,7 +175,7 @@ def evaluate(
     loaded: LoadedModel = load_checkpoint(ckpt) if ckpt else load_weights(weights)
     views = EvalViews(
         protocol, crop_size=crop_size, resize_size=resize_size or 256,
-        scales=_parse_scales(scales), flip=flip,
+        scales=_parse_scales(scales), flip=flip, ten_crop_region=ten_crop_region,
     )
     datamodule = EvalDataModule(**(data or {}), views=views, classes=loaded.classes)
     trainer_args = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False, "use_distributed_sampler": False, **(trainer or {})}
@@ -216,6 +220,7 @@ def evaluate(
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
         "ids": datamodule.ids, "labels": res["labels"], "classes": datamodule.classes, "probs": res["probs"].half(),
         "resize_size": views.resize_size, "crop_size": views.crop_size, "scales": list(views.scales),
+        "ten_crop_region": views.ten_crop_region,
         "wandb_run": loaded.wandb_run,  # `resnet ensemble` logs into its project
     }
     print_result(result, output)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from pathlib import Path
 from typing import Literal, Optional
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
@@ -86,8 +88,9 @@ class ImageNetClassifier(pl.LightningModule):
             lr_end_factor: the lr at the last step as a fraction of the base lr (cosine, linear, poly).
             lr_poly_power: exponent of the `poly` schedule (2 in MLPerf).
             warmup_epochs: linear lr warmup length in epochs (5 for large batches, Goyal et al.).
-            warmup_start_factor: the warmup's first lr as a fraction of the base lr (Goyal et al.: the small-batch
-                lr, 256 / batch; torchvision V2: 0.01; FFCV: 1e-4); 0 starts from base / warmup steps.
+            warmup_start_factor: where the linear warmup starts, as a fraction s of the base lr (Goyal et al.: the
+                small-batch lr, 256 / batch; torchvision V2: 0.01; FFCV: 1e-4); its first step gets s + (1 - s) / W
+                of W warmup steps (train/optim.py).
             blurpool: BlurPool before each strided convolution of 16+ input channels (FFCV's recipes;
                 train/networks.py).
             mixup_alpha: MixUp (Zhang et al. 2018) of training batches with Beta(alpha, alpha) weights; 0 = off.
@@ -145,8 +148,13 @@ class ImageNetClassifier(pl.LightningModule):
         targets = labels
         if self.batch_mix is not None:
             # Soft targets [N, classes]; training accuracy counts the larger of the two mixed labels, as
-            # torchvision's reference does.
-            images, targets = self.batch_mix(images, labels)
+            # torchvision's reference does. The mixing weights and boxes are drawn from (seed, rank, step): each
+            # rank its own (seed_everything gives every rank the same global generator), and the same after a resume.
+            seed = np.random.SeedSequence([int(os.environ.get("PL_GLOBAL_SEED", 0)), self.global_rank,
+                                           self.global_step]).generate_state(1)[0]
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                images, targets = self.batch_mix(images, labels)
             labels = targets.argmax(dim=1)
         logits = self(images)
         loss = self.criterion(logits, targets)

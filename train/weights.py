@@ -44,10 +44,13 @@ def infer_arch(state: dict[str, torch.Tensor]) -> str:
     return arch
 
 
-def _net_from_state(state: dict[str, torch.Tensor], arch: str, source: str) -> nn.Module:
+def _net_from_state(state: dict[str, torch.Tensor], arch: str, source: str, blurpool: bool = False) -> nn.Module:
+    """The network a state dict belongs to. `blurpool` (a checkpoint's hyperparameter): BlurPool's filters are not
+    in the state dict, so only the checkpoint can say the network had them; a plain state-dict file is taken as a
+    plain ResNet."""
     if "fc.weight" not in state:
         raise ValueError(f"{source}: no fc.weight in the state dict; expected torchvision ResNet keys (conv1.weight ... fc.bias)")
-    net = build_resnet(arch, num_classes=state["fc.weight"].shape[0])
+    net = build_resnet(arch, num_classes=state["fc.weight"].shape[0], blurpool=blurpool)
     result = net.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{source}: not a {arch} state dict; missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
@@ -71,7 +74,7 @@ def load_checkpoint(path: str) -> LoadedModel:
         raise ValueError(f"--ckpt {path}: not a Lightning checkpoint of `resnet fit` (no state_dict/hyper_parameters)")
     hp = ckpt["hyper_parameters"]
     state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    net = _net_from_state(state, hp["arch"], path)
+    net = _net_from_state(state, hp["arch"], path, blurpool=bool(hp.get("blurpool", False)))
     classes = ckpt.get("ImageNetDataModule", {}).get("classes")  # absent from checkpoints of older versions
     run = Path(path).resolve().parent
     run = run.parent if run.name == "checkpoints" else run  # <run dir>/checkpoints/best.ckpt -> "<run dir>/best"
