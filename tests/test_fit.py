@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 import yaml
@@ -66,17 +64,17 @@ def test_ddp_two_processes_match_one_process_validation(demo_copy, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(960)
 def test_demo_recipe_reaches_90_percent(tmp_path):
     """What `make demo` promises: configs/demo.yaml on the full demo set reaches >= 90% val top-1."""
     from datamodules.demo import write_demo_dataset
 
     root = write_demo_dataset(tmp_path / "demo")
     run_dir = tmp_path / "run"
-    # The suite's longest test, started first (conftest.py): torch gets both cores, as `make demo` does, while the
-    # other worker mostly waits on the SLURM cluster; with one thread it took 472 s of the 600 s bound (2026-12-07).
+    # The suite's longest test, started first (conftest.py). Beside the other xdist worker it took 472 s with one
+    # torch thread, 568 s with two (spin-waiting), 184 s alone with two, on 2026-12-07's 2-core VM: a bound of 900 s.
     run_resnet("fit", "--config", "configs/demo.yaml", "--data.root", str(root),
-               "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false", timeout=600,
-               env={"OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+               "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false", timeout=900)
     metrics = last_metrics(run_dir)
     assert metrics["val/images"] == 240
     assert metrics["val/acc1"] >= 0.90, metrics
