@@ -3,6 +3,7 @@ size in every backend, the validation crop, TrivialAugment and RandomErasing; th
 
 from __future__ import annotations
 
+import csv
 from dataclasses import replace
 
 import numpy as np
@@ -14,6 +15,7 @@ from datamodules.imagenet import ImageNetDataModule
 from datamodules.loaders import LoaderSpec
 from datamodules.transforms import IMAGENET_MEAN, ProgressiveResizing, train_transform
 from tests.conftest import REPO, run_resnet
+from train.callbacks import ValidationEpochs
 from train.cli import build_cli
 from train.networks import BlurPoolConv2d
 from train.weights import load_checkpoint
@@ -128,7 +130,7 @@ PUBLISHED_LR = {
     ("ffcv_rn50_16", 0): 1.7e-4, ("ffcv_rn50_16", 1): (1.7e-4 + 1.7) / 2, ("ffcv_rn50_16", 2): 1.7,
     ("ffcv_rn50_16", 9): 1.7 * 7 / 14, ("ffcv_rn50_16", 16): 0.0,
     ("ffcv_rn50_88", 2): 1.7, ("ffcv_rn50_88", 45): 1.7 * 43 / 86,
-    ("mlperf_r50", 2): 10.5, ("mlperf_r50", 19): (10.5 - 1e-4) * 0.5**2 + 1e-4, ("mlperf_r50", 36): 1e-4,
+    ("mlperf_r50", 2): 10.5, ("mlperf_r50", 19.5): (10.5 - 1e-4) * 0.5**2 + 1e-4, ("mlperf_r50", 37): 1e-4,
     ("torchvision_v2", 0): 0.005, ("torchvision_v2", 5): 0.5, ("torchvision_v2", 302.5): 0.25,
 }
 
@@ -159,7 +161,9 @@ def test_recipe_resolves_to_the_published_numbers(name):
         assert (h.mixup_alpha, h.cutmix_alpha, dm.hparams.trivial_augment, dm.hparams.random_erasing) == (0.2, 1.0, True, 0.1)
     if name == "mlperf_r50":
         (stop,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "EarlyStopping"]
-        assert stop.stopping_threshold == 0.759 and cli.trainer.check_val_every_n_epoch == 4
+        (schedule,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "ValidationEpochs"]
+        assert stop.stopping_threshold == 0.759 and cli.trainer.max_epochs == 37
+        assert [e for e in range(1, 38) if schedule.due(e, 37)] == [3, 7, 11, 15, 19, 23, 27, 31, 35, 37]
         assert (h.optimizer, dm.batch_size, h.weight_decay) == ("lars", 3264, 5e-5)
 
 
@@ -189,8 +193,8 @@ def test_recipe_trains_two_steps(name, backend, demo_root, tmp_path, request):
         "false", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_epochs", "1",
         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path), *extra)
-    if name == "mlperf_r50":  # its first validation comes at epoch 4
-        cli.trainer.check_val_every_n_epoch = 1
+    if name == "mlperf_r50":  # its first validation comes at epoch 3: validate this one
+        next(c for c in cli.trainer.callbacks if type(c).__name__ == "ValidationEpochs").first = 1
     before = {k: v.clone() for k, v in cli.model.net.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 2
@@ -242,3 +246,18 @@ def test_ema_of_the_weights_is_the_exponential_average_of_each_step(demo_root, t
     assert torch.allclose(checkpoint["state_dict"]["net.fc.weight"], average, atol=1e-6)
     assert torch.equal(checkpoint["current_model_state"]["net.fc.weight"], record.weights[-1])
     assert not torch.allclose(average, record.weights[-1])
+
+
+def test_validation_epochs_validates_the_epochs_due_and_the_last(demo_root, tmp_path):
+    cli = build_cli(["--config", str(REPO / "configs/demo.yaml"), "--data.root", str(demo_root), "--data.crop_size",
+                     "32", "--data.val_resize_size", "36", "--data.batch_size", "8", "--data.num_workers", "0",
+                     "--model.arch", "resnet18", "--trainer.max_epochs", "6", "--trainer.limit_train_batches", "1",
+                     "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+                     "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+                     "--trainer.callbacks+=train.callbacks.ValidationEpochs", "--trainer.callbacks.first", "2",
+                     "--trainer.callbacks.every", "3"], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    validated = [int(r["epoch"]) + 1 for r in csv.DictReader(open(tmp_path / "logs/version_0/metrics.csv")) if r.get("val/acc1")]
+    assert validated == [2, 5, 6]  # 2, 2 + 3, and the last
+    with pytest.raises(ValueError, match="expected both >= 1"):
+        ValidationEpochs(first=0)

@@ -122,6 +122,31 @@ class ImagesPerSecond(Callback):
         pl_module.log("train/epoch_time_s", seconds, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="max")
 
 
+class ValidationEpochs(Callback):
+    """Validation at epochs `first`, `first + every`, `first + 2 every`, ... (1-based) and at the last epoch only:
+    MLPerf's evaluation schedule (every 4 epochs, the first after 1 to 4; NVIDIA's: 3, 7, ..., 35 of 37).
+    Lightning's `trainer.check_val_every_n_epoch` has no offset: this sets it before each epoch, to 1 on the epochs
+    due and to a count no epoch reaches on the others. Used by configs/recipes/mlperf_r50.yaml."""
+
+    def __init__(self, first: int = 1, every: int = 1):
+        """
+        Args:
+            first: the first epoch (1-based) validated.
+            every: epochs between validations from there.
+        """
+        if first < 1 or every < 1:
+            raise ValueError(f"ValidationEpochs(first={first}, every={every}): expected both >= 1")
+        self.first, self.every = first, every
+
+    def due(self, epoch: int, max_epochs: int) -> bool:
+        """Whether 1-based `epoch` of `max_epochs` is validated."""
+        return epoch == max_epochs or (epoch >= self.first and (epoch - self.first) % self.every == 0)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        due = self.due(trainer.current_epoch + 1, trainer.max_epochs)
+        trainer.check_val_every_n_epoch = 1 if due else 2**31 - 1
+
+
 class TrainingReport(Callback):
     """Keeps one row per epoch (epoch, lr, wall time, losses, accuracies; kept across resumes) and at the end of
     fit writes `history.csv` and `curves.png` into the run's log folder and prints the table.
