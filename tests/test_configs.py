@@ -59,6 +59,15 @@ def test_unknown_key_is_an_error_naming_it(tmp_path, capsys):
     assert exit_.value.code != 0 and "lr_per_265" in capsys.readouterr().err
 
 
+def test_bad_progressive_resizing_is_a_usage_error_naming_it(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_cli(["--config", str(REPO / "configs/demo.yaml"), "--data.progressive_resizing",
+                   "{min_size: 192, max_size: 160}"], run=False)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "data.progressive_resizing=" in err and "min_size <= max_size" in err
+    assert "Traceback" not in err
+
+
 def test_print_config_is_the_resolved_recipe():
     out = run_resnet("fit", "--config", "configs/imagenet_r152.yaml", "--data.root", "/elsewhere", "--print_config").stdout
     config = yaml.safe_load(out)

@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from datamodules import ImageNetDataModule
 from datamodules.demo import write_demo_dataset
 from datamodules.folder import CorruptImageError, DatasetLayoutError
+from datamodules.transforms import ProgressiveResizing
 from train.evaluate import evaluate_main, exit_with_error
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
@@ -67,6 +68,12 @@ class ResNetCLI(LightningCLI):
             # Interactive runs only: in a batch job (sbatch, docker without -t, a pipe) the bar fills the log, and
             # reading its metrics each step synchronises the GPU with the host.
             config.trainer.enable_progress_bar = sys.stderr.isatty()
+        resizing = config.data.get("progressive_resizing")
+        if resizing is not None:  # its own checks, as a usage error rather than a traceback from instantiation
+            try:
+                ProgressiveResizing(**{k: v for k, v in vars(resizing).items() if not k.startswith("_")})
+            except (TypeError, ValueError) as e:
+                self.parser.error(str(e))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
         ckpt_dir = Path(config.checkpoint.dirpath)
