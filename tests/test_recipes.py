@@ -77,8 +77,11 @@ def test_progressive_resizing_sets_each_epochs_batch_size_in_every_backend(backe
     sides = {}
     for epoch in (0, 2, 3, 1):  # out of order, as after a resume
         set_epoch(epoch)
-        images, _ = next(iter(loader))
-        sides[epoch] = tuple(images.shape[-2:])
+        # Whole passes: an FFCV pass with progressive resizing (recompile) stopped part-way hung a later pass in a
+        # fresh-clone run under xdist (2026-12-07; not yet understood).
+        shapes = {tuple(images.shape[-2:]) for images, _ in loader}
+        assert len(shapes) == 1, shapes
+        sides[epoch] = shapes.pop()
     assert sides == {0: (32, 32), 1: (32, 32), 2: (64, 64), 3: (96, 96)}
 
 
@@ -187,17 +190,20 @@ def test_recipe_trains_two_steps(name, backend, demo_root, tmp_path, request):
     extra = ["--data.ffcv_dir", str(request.getfixturevalue("demo_betons"))] if backend == "ffcv" else []
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
+    # FFCV: a whole epoch (18 steps of 72 images), not a pass stopped part-way (see the progressive-resizing test).
+    steps = 18 if backend == "ffcv" else 2
     cli = recipe_cli(
         name, "--data.root", str(demo_root), "--data.backend", backend, "--data.batch_size", "4",
         "--data.num_workers", "1", "--model.arch", "resnet18", "--model.num_classes", "6", "--model.channels_last",
         "false", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_epochs", "1",
-        "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path), *extra)
+        "--trainer.limit_train_batches", str(steps), "--trainer.limit_val_batches", "1",
+        "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path), *extra)
     if name == "mlperf_r50":  # its first validation comes at epoch 3: validate this one
         next(c for c in cli.trainer.callbacks if type(c).__name__ == "ValidationEpochs").first = 1
     before = {k: v.clone() for k, v in cli.model.net.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 2
+    assert cli.trainer.global_step == steps
     # The trained weights; with an EMA (torchvision_v2) Lightning leaves the average in the model at the end, and
     # the checkpoint keeps the trained ones apart.
     ckpt = torch.load(tmp_path / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
@@ -211,7 +217,7 @@ def test_recipe_trains_two_steps(name, backend, demo_root, tmp_path, request):
     h, optimizer = cli.model.hparams, cli.trainer.optimizers[0]
     assert type(optimizer).__name__ == {"sgd": "SGD", "lars": "Lars"}[h.optimizer]
     expected = scaled_lr(h.lr_per_256, 4) * lr_factor(
-        2, steps_per_epoch=2, total_steps=2, schedule=h.lr_schedule, milestones=h.lr_milestones, gamma=h.lr_gamma,
+        steps, steps_per_epoch=steps, total_steps=steps, schedule=h.lr_schedule, milestones=h.lr_milestones, gamma=h.lr_gamma,
         warmup_epochs=h.warmup_epochs, warmup_start_factor=h.warmup_start_factor, end_factor=h.lr_end_factor,
         power=h.lr_poly_power)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(expected)
