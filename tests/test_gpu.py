@@ -21,8 +21,8 @@ from train.evaluate import evaluate
 pytestmark = pytest.mark.gpu
 
 GPU = ["--trainer.accelerator", "gpu", "--trainer.devices", "1"]
-# configs/eval/demo.yaml's geometry: the ImageNet protocols scaled to the demo's 64-pixel crops.
-DEMO_EVAL = dict(crop_size=64, resize_size=73, scales=[64, 73, 110, 137, 183])
+# configs/eval/demo.yaml's geometry: the ImageNet protocols scaled to the demo's 48-pixel crops.
+DEMO_EVAL = dict(crop_size=48, resize_size=55, scales=[48, 55, 82, 103, 137])
 
 
 @pytest.fixture(scope="module")
