@@ -196,6 +196,9 @@ class EpochLoader(Loader):
         if self._running is None:
             return
         # Stop it before another thread enters numba's parallel kernels.
+        # FFCV's thread looks at `terminate_event` only while the queue stays full, which draining it prevents: with
+        # no batches left to take, it ends after the batch it is decoding instead of decoding the rest of the pass.
+        self._running.iter_ixes = iter(())
         self._running.terminate_event.set()
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while self._running.is_alive():  # it may be blocked putting a batch or its end mark into a full queue

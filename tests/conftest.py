@@ -81,7 +81,7 @@ def tiny_fit_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-_FORKS = ResnetForks()
+_FORKS = ResnetForks(dict(os.environ))  # the environment before any test changes it
 
 
 def run_resnet(*args: str, timeout: int = 300, env: dict | None = None, expect_rc: int = 0) -> subprocess.CompletedProcess:

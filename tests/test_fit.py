@@ -71,8 +71,8 @@ def test_demo_recipe_reaches_90_percent(tmp_path):
 
     root = write_demo_dataset(tmp_path / "demo")
     run_dir = tmp_path / "run"
-    # The suite's longest test, started first (conftest.py). Beside the other xdist worker it took 472 s with one
-    # torch thread, 568 s with two (spin-waiting), 184 s alone with two, on 2026-12-07's 2-core VM: a bound of 900 s.
+    # The suite's longest test, started first (conftest.py). Beside the other xdist worker it took 461 s at 48 px
+    # (472 s at the former 64 px) with one torch thread on 2026-12-07's 2-core VM: a bound of 900 s.
     run_resnet("fit", "--config", "configs/demo.yaml", "--data.root", str(root),
                "--trainer.default_root_dir", str(run_dir), "--trainer.enable_progress_bar", "false", timeout=900)
     metrics = last_metrics(run_dir)
