@@ -35,7 +35,9 @@ torch.set_num_threads(_TORCH_THREADS)
 
 # torchvision's validation geometry in numba, bit-exact with v2.Resize(antialias=True) on uint8 (torch's
 # fixed-point separable kernel: horizontal pass first, rounded to uint8, then vertical) and v2.CenterCrop.
-@njit(nogil=True)
+# cache=True: compiled once into __pycache__ (numba's user-wide cache where that is read-only), not in every process
+# that makes a validation loader (~4 s of a 2-core machine's start-up, 2026-12-07).
+@njit(nogil=True, cache=True)
 def _axis_weights(in_size: int, out_size: int):
     scale = in_size / out_size
     support = max(scale, 1.0)  # the triangle filter widens when shrinking: antialiasing
@@ -60,7 +62,7 @@ def _axis_weights(in_size: int, out_size: int):
     return first, count, fixed, bits
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _resample(src: np.ndarray, first: np.ndarray, count: np.ndarray, weights: np.ndarray, bits: int, out: np.ndarray):
     """One pass along the first axis: out[i, k] = sum_j src[first[i] + j, k] * weights[i, j] / 2**bits, rounded and
     clipped as torch's uint8 kernel does."""
@@ -76,7 +78,7 @@ def _resample(src: np.ndarray, first: np.ndarray, count: np.ndarray, weights: np
             out[i, k, 2] = min(max(a2 >> bits, 0), 255)
 
 
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _resize_center_crop(image: np.ndarray, resize: int, crop: int, out: np.ndarray) -> None:
     h, w = image.shape[0], image.shape[1]
     oh, ow = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
@@ -227,10 +229,34 @@ class EpochLoader(Loader):
         threads = torch.get_num_threads()
         self._running = running = super().__iter__()
         torch.set_num_threads(threads)
-        for batch in running:
+        for batch in _batches(running, self.fname):
             if self.order is not None:
                 self.order.batches_read()
             yield batch
+
+
+def _batches(running, fname: str):
+    """A pass's batches as FFCV's `EpochIterator.__next__` hands them out, without its unbounded wait: the decoding
+    thread puts no end mark when it dies of an exception (a numba error decoding a damaged record), and `__next__`
+    would then wait forever. Raises RuntimeError naming the file once that thread has ended and left nothing."""
+    batches = 0
+    while True:
+        try:
+            item = running.output_queue.get(timeout=1.0)
+        except queue.Empty:
+            if running.is_alive() or not running.output_queue.empty():
+                continue
+            running.close()
+            raise RuntimeError(f"FFCV: the thread decoding {fname} ended after {batches} batches of the pass without "
+                               "finishing it (its exception is printed above)") from None
+        if item is None:  # the end mark
+            running.close()
+            return
+        slot, batch = item
+        if running.cuda_streams[slot] is not None:  # with ToDevice: wait for this batch's copy, as __next__ does
+            running.current_stream.wait_stream(running.cuda_streams[slot])
+        batches += 1
+        yield batch
 
 
 def _pipelines(image_ops: list, device: torch.device) -> dict[str, list]:

@@ -127,10 +127,12 @@ def _decode_with_pillow(data: torch.Tensor, path: str, torchvision_error: str) -
         raise CorruptImageError(f"{path}: cannot decode image ({torchvision_error})") from e
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:
     """The seed of one sample's augmentation in one epoch: a function of (seed, epoch, sample index) alone, so that
-    the crops do not depend on the loader workers, the ranks or a resume."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    the crops do not depend on the loader workers, the ranks or a resume; `copy`: which of its repeats under
+    repeated augmentation (each copy its own crop; copy 0 has the seed it has without repeats)."""
+    entropy = [seed, epoch, index] + ([copy] if copy else [])
+    return int(np.random.SeedSequence(entropy).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class SkippedImages:
@@ -172,8 +174,9 @@ class SkippedImages:
 
 
 class ImageFolderDataset(Dataset):
-    """Samples of one split, read by index or by an `(index, epoch)` key (the training order's): with a key and a
-    `seed`, the transform draws its random numbers from `sample_seed(seed, epoch, index)` (torch's generator,
+    """Samples of one split, read by index or by an `(index, epoch)` or `(index, epoch, copy)` key (the training
+    order's): with a key and a `seed`, the transform draws its random numbers from `sample_seed(seed, epoch, index,
+    copy)` (torch's generator,
     forked: the caller's is untouched). With `skipped` (training), an undecodable image is replaced by the next
     good one and recorded there, up to its limit over the whole run; without it (evaluation) it is an error."""
 
@@ -193,8 +196,8 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: Union[int, tuple[int, int]]) -> tuple[torch.Tensor, int]:
-        index, epoch = key if isinstance(key, tuple) else (key, None)
+    def __getitem__(self, key: Union[int, tuple[int, ...]]) -> tuple[torch.Tensor, int]:
+        index, epoch, copy = (*key, 0)[:3] if isinstance(key, tuple) else (key, None, 0)
         first = index
         path, label = self.samples[index]
         while True:
@@ -219,18 +222,18 @@ class ImageFolderDataset(Dataset):
         if epoch is None or self.seed is None:
             return transform(image), label
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, first))
+            torch.manual_seed(sample_seed(self.seed, epoch, first, copy))
             return transform(image), label
 
 
-class _OrderBatches(Sampler[list[tuple[int, int]]]):
-    """Batches of (index, epoch) keys of one pass over an EpochOrder; `sampler` is where Lightning's
+class _OrderBatches(Sampler[list[tuple[int, ...]]]):
+    """Batches of (index, epoch[, copy]) keys of one pass over an EpochOrder; `sampler` is where Lightning's
     `_set_sampler_epoch` finds `set_epoch` (it looks at `loader.batch_sampler.sampler`)."""
 
     def __init__(self, order: EpochOrder):
         self.order = self.sampler = order
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
         # A generator: the pass begins at the first batch drawn (a DataLoader iterator calls iter() on its batch
         # sampler twice as it starts, and the first one is never read).
         yield from self.order.batches(self.order.begin_pass())

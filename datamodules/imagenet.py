@@ -42,6 +42,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         lighting_std: float = 0.0,
         trivial_augment: bool = False,
         random_erasing: float = 0.0,
+        repeated_augmentation: int = 1,
         max_corrupt_train_images: int = 16,
         pin_memory: bool = True,
         seed: int = 0,
@@ -73,6 +74,11 @@ class ImageNetDataModule(pl.LightningDataModule):
                 backend only.
             random_erasing: probability of RandomErasing a box of each training crop (0.1 in torchvision's V2
                 recipe); torchvision backend only.
+            repeated_augmentation: copies of each sampled image in an epoch, each augmented on its own and read on
+                consecutive ranks (Hoffer et al. 2020, Berman et al. 2019; torchvision's --ra-reps, 4 in its V2
+                recipe); an epoch keeps its number of steps, so it holds about 1 / repeated_augmentation of the
+                distinct images (datamodules/order.py). 1 = off. Every backend; the torchvision backend draws each
+                copy's crop from (seed, epoch, index, copy).
             max_corrupt_train_images: unreadable training images skipped (each replaced by the next image, with a
                 warning naming it) in the whole run, all ranks and restarts together (`<run>/skipped_images.txt`),
                 before it stops; validation never skips one. A manifest's unreadable files are left out beforehand.
@@ -96,6 +102,9 @@ class ImageNetDataModule(pl.LightningDataModule):
                 (datamodules/staging.py). None = read the data where it is.
         """
         super().__init__()
+        if repeated_augmentation < 1:
+            raise ValueError(f"data.repeated_augmentation={repeated_augmentation}: copies of each image in an epoch, "
+                             "at least 1 (1 = off; 4 in torchvision's V2 recipe)")
         self.save_hyperparameters()
         self.root = Path(root)
         self.batch_size = batch_size
@@ -251,7 +260,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         hp = self.hparams
         order = None
         if train:  # one per training loader, at the resume position of the checkpoint Lightning restored
-            order = EpochOrder(len(samples), hp.seed, rank, world, self.per_device_batch_size)
+            order = EpochOrder(len(samples), hp.seed, rank, world, self.per_device_batch_size, hp.repeated_augmentation)
             order.resume_at(self._resume_position)
             self.train_order = order
         return LoaderSpec(

@@ -31,29 +31,50 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
     return torch.randperm(num_samples, generator=g).numpy()
 
 
+def rank_positions(num_samples: int, rank: int, world_size: int, start: int = 0,
+                   start_world_size: Optional[int] = None, repeats: int = 1) -> np.ndarray:
+    """Positions rank `rank` reads in an epoch's sequence from global position `start` on.
+
+    The sequence is the epoch's permutation with each sample `repeats` times in a row (repeated augmentation:
+    torchvision's RASampler, after DeiT; 1 = the permutation itself), read as torch's DistributedSampler reads the
+    permutation: padded cyclically to a multiple of the world size and dealt out strided. An epoch holds as many
+    samples as without repeats (`num_samples`, padded), so about `num_samples / repeats` distinct images.
+
+    Args:
+        num_samples: samples of the training split.
+        rank, world_size: this process among all.
+        start: positions already read in this epoch by all ranks together (a multiple of the world size that read them).
+        start_world_size: the world size that read them; None = `world_size`.
+        repeats: copies of each sample in the sequence.
+
+    Returns:
+        int64 array of positions in [0, num_samples x repeats).
+    """
+    length = num_samples * repeats
+    old = start_world_size or world_size
+    if old == world_size:  # the same padded sequence as the uninterrupted run
+        total = -(-num_samples // world_size) * world_size
+        return np.arange(start + rank, total, world_size, dtype=np.int64) % length
+    rest = np.arange(min(start, num_samples), num_samples, dtype=np.int64)  # another world size: deal out the rest
+    if len(rest) == 0:
+        return rest
+    return np.resize(rest, len(rest) + (-len(rest)) % world_size)[rank::world_size]
+
+
 def rank_order(num_samples: int, seed: int, epoch: int, rank: int, world_size: int, start: int = 0,
-               start_world_size: Optional[int] = None) -> np.ndarray:
-    """Sample indices rank `rank` reads in epoch `epoch` from global position `start` on.
+               start_world_size: Optional[int] = None, repeats: int = 1) -> np.ndarray:
+    """Sample indices rank `rank` reads in epoch `epoch` from global position `start` on (`rank_positions`).
 
     Args:
         num_samples, seed, epoch: the permutation (`epoch_permutation`).
-        rank, world_size: this process among all.
-        start: samples already read in this epoch by all ranks together (a multiple of the world size that read them).
-        start_world_size: the world size that read them; None = `world_size`.
+        rank, world_size, start, start_world_size, repeats: as `rank_positions`.
 
     Returns:
-        int64 array; at `start=0` exactly `DistributedSampler(shuffle=True, seed=seed)` after `set_epoch(epoch)`.
+        int64 array; at `start=0` and `repeats=1` exactly `DistributedSampler(shuffle=True, seed=seed)` after
+        `set_epoch(epoch)`.
     """
-    perm = epoch_permutation(num_samples, seed, epoch)
-    old = start_world_size or world_size
-    if old == world_size:  # the same padded sequence as the uninterrupted run
-        padded = np.concatenate([perm, perm[: (-num_samples) % world_size]])
-        return padded[start + rank :: world_size]
-    rest = perm[min(start, num_samples):]  # another world size: deal out what is left of the permutation
-    if len(rest) == 0:
-        return rest
-    padded = np.concatenate([rest, np.resize(rest, (-len(rest)) % world_size)])
-    return padded[rank::world_size]
+    positions = rank_positions(num_samples, rank, world_size, start, start_world_size, repeats)
+    return epoch_permutation(num_samples, seed, epoch)[positions // repeats]
 
 
 @dataclass
@@ -81,16 +102,23 @@ class EpochOrder:
     is requested (not when `iter()` is called: Lightning creates the training iterator before `set_epoch` on a
     resume) and `batches_read(k)` as batches are handed to the training loop."""
 
-    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int, batch_size: int):
+    def __init__(self, num_samples: int, seed: int, rank: int, world_size: int, batch_size: int, repeats: int = 1):
         """
         Args:
             num_samples: samples of the training split.
             seed: the shuffle seed (`data.seed`).
             rank, world_size: this process among all.
             batch_size: per rank; a rank's last partial batch is dropped (every rank steps alike).
+            repeats: repeated augmentation, copies of each sampled image in an epoch (`rank_positions`; 1 = off).
+
+        Raises:
+            ValueError: repeats below 1.
         """
+        if repeats < 1:
+            raise ValueError(f"data.repeated_augmentation={repeats}: copies of each image, at least 1 (1 = off)")
         self.num_samples, self.seed, self.rank, self.world_size = num_samples, seed, rank, world_size
-        self.batch_size = batch_size
+        self.batch_size, self.repeats = batch_size, repeats
+        self._pass_repeats = np.zeros(0, np.int64)  # which copy each index of the pass being read is
         self.epoch = 0
         self.batches_per_epoch = -(-num_samples // world_size) // batch_size
         self._resume: Optional[TrainPosition] = None
@@ -117,15 +145,22 @@ class EpochOrder:
         elif position is not None and position.epoch > self.epoch:
             self._resume = position  # not this pass yet (e.g. a sanity pass)
         self._pass_epoch, self._pass_start, self._read = self.epoch, start, 0
-        return self.indices(self.epoch, start, old_world)
+        indices, self._pass_repeats = self.keys(self.epoch, start, old_world)
+        return indices
+
+    def keys(self, epoch: int, start: int = 0, start_world_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's samples of `epoch` from global position `start` (dealt by `start_world_size` ranks before it),
+        whole batches only: (indices, copies), int64 (k * batch_size,) each; copies count each index's repeats
+        (0, 1, ... up to `repeats` - 1; all 0 without repeated augmentation)."""
+        positions = rank_positions(self.num_samples, self.rank, self.world_size, start,
+                                   start_world_size or self.world_size, self.repeats)
+        batches = min(len(positions) // self.batch_size, self.batches_per_epoch)
+        positions = positions[: batches * self.batch_size]
+        return epoch_permutation(self.num_samples, self.seed, epoch)[positions // self.repeats], positions % self.repeats
 
     def indices(self, epoch: int, start: int = 0, start_world_size: Optional[int] = None) -> np.ndarray:
-        """This rank's indices of `epoch` from global sample `start` (dealt by `start_world_size` ranks before it),
-        whole batches only: int64 (k * batch_size,)."""
-        order = rank_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, start,
-                           start_world_size or self.world_size)
-        batches = min(len(order) // self.batch_size, self.batches_per_epoch)
-        return order[: batches * self.batch_size]
+        """The indices of `keys`: int64 (k * batch_size,)."""
+        return self.keys(epoch, start, start_world_size)[0]
 
     @property
     def pass_epoch(self) -> int:
@@ -148,8 +183,14 @@ class EpochOrder:
         return TrainPosition(self._pass_epoch, self._pass_start + self._read * self.batch_size * self.world_size,
                              self.world_size, self.batch_size)
 
-    def batches(self, indices: np.ndarray) -> Iterator[list[tuple[int, int]]]:
-        """(index, epoch) keys in batches: the dataset draws each sample's augmentation from them."""
+    def batches(self, indices: np.ndarray) -> Iterator[list[tuple[int, ...]]]:
+        """Keys in batches: the dataset draws each sample's augmentation from them. (index, epoch); with repeated
+        augmentation (index, epoch, copy) for the pass `begin_pass` returned `indices` of."""
         epoch = self._pass_epoch
+        if self.repeats == 1:
+            for i in range(0, len(indices), self.batch_size):
+                yield [(int(k), epoch) for k in indices[i : i + self.batch_size]]
+            return
+        assert len(indices) == len(self._pass_repeats), "batches() takes the indices begin_pass() returned"
         for i in range(0, len(indices), self.batch_size):
-            yield [(int(k), epoch) for k in indices[i : i + self.batch_size]]
+            yield [(int(k), epoch, int(c)) for k, c in zip(indices[i : i + self.batch_size], self._pass_repeats[i : i + self.batch_size])]

@@ -267,6 +267,29 @@ def test_an_unfinished_epoch_does_not_block_the_next(betons, demo_root):
         assert len(epoch(loader)[1]) == 30
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the planted error
+def test_a_decoding_thread_that_dies_ends_the_pass_with_an_error(betons, demo_root, monkeypatch):
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    loader = val_loader(spec(demo_root, "val"), betons[0] / "val.beton")  # 8 batches
+    run_pipeline = EpochIterator.run_pipeline
+
+    def third_batch_fails(self, b_ix, *args):  # as a numba error decoding a damaged record would
+        if b_ix == 2:
+            raise ValueError("damaged record")
+        return run_pipeline(self, b_ix, *args)
+
+    monkeypatch.setattr(EpochIterator, "run_pipeline", third_batch_fails)
+    read = []
+    with pytest.raises(RuntimeError, match=r"the thread decoding \S+val.beton ended after 2 batches of the pass"):
+        for images, _ in loader:  # FFCV's own iterator waits forever here
+            read.append(len(images))
+    assert read == [4, 4]
+    monkeypatch.undo()
+    assert len(epoch(loader)[1]) == 30  # the next pass reads every image
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_val_shards_cover_each_image_once_with_equal_batch_counts(betons, demo_root, world):
     # 30 images: 15 per rank on 2 (not a multiple of batch 4), 8/8/7/7 on 4 (not a multiple of the world).

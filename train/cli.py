@@ -105,7 +105,10 @@ class ResNetCLI(LightningCLI):
             configure_wandb(config, root, resumed=bool(config.get("ckpt_path")))
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except ValueError as e:  # a constructor's check of its settings (naming the key): a usage error, no traceback
+            self.parser.error(str(e))
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
