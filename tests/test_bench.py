@@ -28,6 +28,24 @@ def test_bench_data_times_every_backend_on_the_same_jpegs(demo_copy):
     assert (demo_copy / "ffcv/train.beton").is_file()  # written on first use
 
 
+def test_bench_demo_trains_each_condition_and_compares_it_with_the_reference(demo_root, tmp_path):
+    out = tmp_path / "variance"
+    proc = run_resnet("bench", "demo", "--conditions", "[reference, avx2_kernels]", "--root", str(demo_root),
+                      "--output", str(out), "--max_epochs", "1", timeout=600)
+    rows = json.loads((out / "demo_variance.json").read_text())
+    assert [r["condition"] for r in rows] == ["reference", "avx2_kernels"]
+    assert rows[1]["env"] == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    for r in rows:
+        (acc,) = r["curve"]  # one epoch, one validation
+        assert 0 <= acc <= 1 and r["best_acc1"] == r["last_acc1"] == acc
+        metrics = (out / r["condition"] / "logs/version_0/metrics.csv").read_text()
+        assert "val/acc1" in metrics and r["seconds"] > 0
+    assert rows[0]["best_acc1_diff_pts"] == 0
+    assert rows[1]["best_acc1_diff_pts"] == pytest.approx(100 * (rows[1]["best_acc1"] - rows[0]["best_acc1"]))
+    assert "| avx2_kernels |" in (out / "demo_variance.md").read_text() and "avx2_kernels" in proc.stdout
+    run_resnet("bench", "demo", "--conditions", "[fast_cpu]", "--output", str(out), expect_rc=2)
+
+
 def test_bench_model_and_fit(demo_root):
     assert bench_model("resnet18", batch_size=4, crop_size=32, precision="32-true", steps=2, warmup_steps=1) > 0
     # Another recipe than the default one (configs/demo.yaml, ResNet-18): its model is the one timed.

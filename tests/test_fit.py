@@ -16,6 +16,7 @@ def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
     assert first["global_step"] == 9 and first["epoch"] == 0  # 72 images / batch 8 = 9 steps
     config = yaml.safe_load(first["config"])  # the resolved config travels with the weights
     assert config["model"]["arch"] == "resnet18" and config["data"]["batch_size"] == 8
+    assert config["model"]["num_classes"] == 6  # not set: the data's 6 class folders
     assert config["data"]["root"] == str(demo_root)
     assert len(first["git_commit"].split("+")[0]) in (40, 7) or first["git_commit"] == "unknown"
     metrics = last_metrics(run_dir)
@@ -78,6 +79,12 @@ def test_demo_recipe_reaches_90_percent(tmp_path):
     metrics = last_metrics(run_dir)
     assert metrics["val/images"] == 240
     assert metrics["val/acc1"] >= 0.90, metrics
+
+
+def test_num_classes_unset_and_no_train_folder_is_a_usage_error(tmp_path):
+    (tmp_path / "data/val").mkdir(parents=True)
+    proc = run_resnet(*tiny_fit_args(tmp_path / "data", tmp_path / "run"), expect_rc=2)
+    assert f"error: model.num_classes from data.root: {tmp_path}/data/train: missing" in proc.stderr
 
 
 def test_imagenet_recipe_runs_bf16_channels_last(demo_root, tmp_path):

@@ -40,4 +40,6 @@ def test_pretrained_state_dict_file(tmp_path):
     with pytest.raises(ValueError, match=r"shape mismatch \['fc.weight \(10, 512\) != \(6, 512\)"):
         ImageNetClassifier(arch="resnet18", num_classes=6, pretrained=str(tmp_path / "r18.pth"))
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
-        ImageNetClassifier(arch="resnet18", pretrained=str(tmp_path / "missing.pth"))
+        ImageNetClassifier(arch="resnet18", num_classes=6, pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="model.num_classes=None: expected the number of classes"):
+        ImageNetClassifier(arch="resnet18")

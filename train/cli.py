@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import signal
 import sys
@@ -15,10 +16,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from datamodules import ImageNetDataModule
-from datamodules.demo import write_demo_dataset
-from datamodules.folder import CorruptImageError, DatasetLayoutError
+from datamodules.folder import CorruptImageError, DatasetLayoutError, find_classes
 from datamodules.transforms import ProgressiveResizing
 from train.evaluate import evaluate_main, exit_with_error
+from train.predict import predict_main
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
 from train.model import ImageNetClassifier
@@ -36,6 +37,12 @@ from train.wandb_logging import configure_wandb, log_ensemble, log_safely, run_d
 
 
 class ResNetCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit and validate: Lightning's `test` and `predict` have no data behind them here (`resnet predict` is a
+        command of its own)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The module scales its lr by the global batch, which only the data config sets.
         parser.link_arguments("data.batch_size", "model.batch_size")
@@ -68,6 +75,11 @@ class ResNetCLI(LightningCLI):
             # Interactive runs only: in a batch job (sbatch, docker without -t, a pipe) the bar fills the log, and
             # reading its metrics each step synchronises the GPU with the host.
             config.trainer.enable_progress_bar = sys.stderr.isatty()
+        if config.model.num_classes is None:  # the data's: its class folders (sorted WordNet ids), before the model
+            try:
+                config.model.num_classes = len(find_classes(Path(config.data.root) / "train"))
+            except DatasetLayoutError as e:
+                self.parser.error(f"model.num_classes from data.root: {e}")
         resizing = config.data.get("progressive_resizing")
         if resizing is not None:  # its own checks, as a usage error rather than a traceback from instantiation
             try:
@@ -114,41 +126,59 @@ class ResNetCLI(LightningCLI):
 
 
 def underscore_options(args: list[str]) -> list[str]:
-    """`--train-tar` and `--train_tar` both work: option names are Python identifiers underneath."""
-    return [re.sub(r"^--[a-z0-9_-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in args]
+    """`--train-tar` and `--train_tar`, `--trainer.max-epochs` and `--trainer.max_epochs`: option names are Python
+    identifiers underneath; every command accepts both spellings."""
+    return [re.sub(r"^--[a-z0-9_.-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in args]
+
+
+# `resnet prepare` and `resnet bench`: subcommand -> ("module:function", one line for `resnet --help`). Imported only
+# when run (FFCV's numba, the benchmarks' modules).
+PREPARE = {
+    "demo": ("datamodules.demo:write_demo_dataset", "write the demo dataset: 6 texture classes, 960 train / 240 val JPEGs"),
+    "imagenet": ("datamodules.prepare:prepare_imagenet",
+                 "arrange the ILSVRC2012 tars (or a Kaggle copy) into train/<wnid>/ and val/<wnid>/"),
+    "check": ("datamodules.dataset_check:check_dataset",
+              "decode every image, report problems by path, write the manifest runs start from"),
+    "ffcv": ("datamodules.ffcv_write:prepare_ffcv", "write train.beton and val.beton for --data.backend ffcv"),
+}
+BENCH = {
+    "data": ("train.bench:bench_data", "loader throughput alone, each backend on the same JPEGs"),
+    "model": ("train.bench:bench_model", "training-step ceiling on synthetic tensors (no loader)"),
+    "fit": ("train.bench:bench_fit", "the whole training pipeline against that ceiling"),
+    "eval": ("train.bench:bench_eval", "evaluation images/s under each protocol"),
+    "node": ("train.node_report:bench_node", "this machine's report: all of the above and the GPU tests (make gpu-check)"),
+    "checkpoint": ("train.bench_checkpoint:bench_checkpoint", "the cost of a periodic checkpoint"),
+    "start": ("train.bench_start:bench_start", "start-up time to the first step: folder scan against manifest"),
+    "recipes": ("train.bench_recipes:bench_recipes", "images/s per training resolution, each recipe's estimated time"),
+    "demo": ("train.bench_demo:bench_demo", "the demo's accuracy under other thread counts, CPU kernels and seeds"),
+}
+
+
+def _functions(registry: dict[str, tuple[str, str]]) -> dict:
+    functions = {}
+    for name, (target, _) in registry.items():
+        module, function = target.split(":")
+        try:
+            functions[name] = getattr(importlib.import_module(module), function)
+        except ImportError:  # an optional extra (ffcv) not installed: the other subcommands still work
+            pass
+    return functions
 
 
 def prepare_main(args: list[str]) -> None:
     args = underscore_options(args)
-    commands = {"demo": write_demo_dataset}
-    if args[:1] != ["demo"]:  # FFCV's numba and the devkit reader load only when their subcommand may run
-        from datamodules.prepare import prepare_imagenet
-
-        from datamodules.dataset_check import check_dataset
-
-        commands["imagenet"] = prepare_imagenet
-        commands["check"] = check_dataset
-        try:
-            from datamodules.ffcv_write import prepare_ffcv
-
-            commands["ffcv"] = prepare_ffcv
-        except ImportError:  # the optional ffcv extra is not installed: the other subcommands still work
-            pass
+    # FFCV's numba and the devkit reader load only when their subcommand may run.
+    registry = {"demo": PREPARE["demo"]} if args[:1] == ["demo"] else PREPARE
     try:
-        auto_cli(commands, args=args, as_positional=False)
+        auto_cli(_functions(registry), args=args, as_positional=False, prog="resnet prepare")
     except (ValueError, OSError) as e:  # bad input: name the cause, no traceback
         exit_with_error("resnet prepare", e)
 
 
 def bench_main(args: list[str]) -> None:
-    from train import bench, bench_checkpoint, bench_recipes, bench_start, node_report  # only this command needs them
-
     args = underscore_options(args)
-    commands = {"data": bench.bench_data, "model": bench.bench_model, "fit": bench.bench_fit, "eval": bench.bench_eval,
-                "node": node_report.bench_node, "checkpoint": bench_checkpoint.bench_checkpoint,
-                "start": bench_start.bench_start, "recipes": bench_recipes.bench_recipes}
     try:
-        auto_cli(commands, args=args, as_positional=False)
+        auto_cli(_functions(BENCH), args=args, as_positional=False, prog="resnet bench")
     except (Requeued, Preempted) as saved:  # a benchmark's fit got the job's signal: stop the benchmark, not a row
         print(f"resnet bench: stopped by a job signal ({type(saved).__name__}: {saved})", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
@@ -188,15 +218,47 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
     )
 
 
+# Every command, one line each: `resnet --help`.
+COMMANDS = {
+    "fit": "train: --config configs/imagenet_r50.yaml (a recipe on top: configs/recipes/*.yaml)",
+    "validate": "val top-1 / top-5 of a checkpoint (--ckpt_path) under its training config",
+    "evaluate": "the ILSVRC protocols on val (center, 10crop, multiscale) for a checkpoint or torchvision weights",
+    "ensemble": "average the class probabilities of several `resnet evaluate --output` files",
+    "predict": "top-5 classes with names and probabilities of image files or folders, as CSV or JSON",
+    "prepare": PREPARE,
+    "bench": BENCH,
+}
+
+
+def overview() -> str:
+    """`resnet --help`: every command and subcommand with one line, and the option spelling."""
+    lines = ["usage: resnet COMMAND [options]      resnet COMMAND --help: the options of one command", "", "commands:"]
+    for name, what in COMMANDS.items():
+        if isinstance(what, dict):
+            lines += [f"  {name + ' ' + sub:<19} {line}" for sub, (_, line) in what.items()]
+        else:
+            lines.append(f"  {name:<19} {what}")
+    lines += ["", "Options: --a_b or --a-b alike; nested settings with dots (--data.batch_size 256); --config FILE.yaml",
+              "sets many at once (later options override it). Recipes and the cluster scripts: README.md."]
+    return "\n".join(lines)
+
+
 def main(args: Optional[list[str]] = None) -> None:
     # Lightning 2.6 calling torch APIs that torch 2.14 deprecates: noise in every run, nothing for users to fix.
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|all_gather is deprecated)")
-    argv = sys.argv[1:] if args is None else args
-    commands = {"prepare": prepare_main, "evaluate": evaluate_main, "ensemble": ensemble_main, "bench": bench_main}
-    if argv[:1] and argv[0] in commands:
+    argv = underscore_options(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(overview(), file=sys.stdout if argv else sys.stderr)
+        raise SystemExit(0 if argv else 2)
+    commands = {"prepare": prepare_main, "evaluate": evaluate_main, "ensemble": ensemble_main, "bench": bench_main,
+                "predict": predict_main}
+    if argv[0] in commands:
         return commands[argv[0]](argv[1:])
+    if argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        print(f"resnet: error: no command {argv[0]!r}\n\n{overview()}", file=sys.stderr)
+        raise SystemExit(2)
     try:
-        build_cli(args)
+        build_cli(argv)
     except (Requeued, Preempted) as saved:  # saved on a job signal (or nothing yet to save): this life ends here
         ignore_job_signals()
         close_process_group()

@@ -35,7 +35,7 @@ class ImageNetClassifier(pl.LightningModule):
     def __init__(
         self,
         arch: Arch = "resnet50",
-        num_classes: int = 1000,
+        num_classes: Optional[int] = None,
         zero_init_residual: bool = False,
         channels_last: bool = False,
         compile: bool = False,
@@ -64,7 +64,8 @@ class ImageNetClassifier(pl.LightningModule):
         """
         Args:
             arch: torchvision ResNet depth.
-            num_classes: output classes (1000 for ImageNet-1k).
+            num_classes: output classes (1000 for ImageNet-1k); None = the class folders of data.root/train, counted
+                by `resnet fit` / `resnet validate` before the model is built.
             zero_init_residual: start the last BatchNorm of each residual block at 0 (Goyal et al. 2017).
             channels_last: NHWC memory format (faster convolutions with tensor cores).
             compile: torch.compile the network.
@@ -102,6 +103,9 @@ class ImageNetClassifier(pl.LightningModule):
         self.save_hyperparameters()
         if optimizer not in ("sgd", "lars"):
             raise ValueError(f"model.optimizer={optimizer!r}: expected sgd or lars")
+        if num_classes is None or num_classes < 1:
+            raise ValueError(f"model.num_classes={num_classes}: expected the number of classes (the command line counts "
+                             "data.root's class folders when it is not set)")
         if min(mixup_alpha, cutmix_alpha) < 0:
             raise ValueError(f"model.mixup_alpha={mixup_alpha}, model.cutmix_alpha={cutmix_alpha}: expected >= 0")
         self.net = build_resnet(arch, num_classes, zero_init_residual, blurpool)

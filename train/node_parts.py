@@ -356,7 +356,8 @@ def overhead_row(s: Sizes) -> dict:
         device = torch.device("cuda" if s.accelerator == "gpu" else "cpu")
         x = torch.randn(s.batch_size, 3, s.crop_size, s.crop_size, device=device)
         batch = (x.contiguous(memory_format=torch.channels_last), torch.randint(0, 1000, (s.batch_size,), device=device))
-        module = ImageNetClassifier("resnet50", channels_last=True, compile=s.fit_compile, batch_size=s.batch_size)
+        module = ImageNetClassifier("resnet50", num_classes=1000, channels_last=True, compile=s.fit_compile,
+                                    batch_size=s.batch_size)
         if s.fit_compile:
             torch._dynamo.reset()
         module.configure_model()  # compiles the network when fit_compile, as Lightning's setup does
