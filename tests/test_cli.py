@@ -1,0 +1,44 @@
+"""The front door: `resnet --help` lists every command, usage lines name the whole command, one option spelling."""
+
+from __future__ import annotations
+
+import yaml
+
+from tests.conftest import REPO, run_resnet
+from train.cli import BENCH, COMMANDS, PREPARE
+
+
+def test_help_lists_every_command_once_with_a_line():
+    out = run_resnet("--help").stdout
+    names = [n for n, what in COMMANDS.items() if isinstance(what, str)]
+    names += [f"prepare {n}" for n in PREPARE] + [f"bench {n}" for n in BENCH]
+    assert {"fit", "validate", "evaluate", "ensemble", "predict", "prepare ffcv", "bench node"} <= set(names)
+    listed = [line.split("  ")[1].strip() for line in out.splitlines() if line.startswith("  ") and "  " in line[2:]]
+    assert listed == names
+    assert all(len(line.split(None, 2 if line.split()[0] in ("prepare", "bench") else 1)) > 1 for line in
+               (ln.strip() for ln in out.splitlines() if ln.startswith("  ")))  # each with its line
+    for name in ("fit", "evaluate", "predict", "prepare check", "bench demo"):  # each command answers --help
+        usage = run_resnet(*name.split(), "--help").stdout.splitlines()[0].replace(" [options]", "")
+        assert usage.startswith(f"usage: resnet {name}"), usage
+    assert "--a_b or --a-b" in out
+    assert "resnet COMMAND" in run_resnet(expect_rc=2).stderr  # no command: the same list, an error status
+
+
+def test_lightnings_test_and_predict_are_not_offered():
+    proc = run_resnet("test", "--config", "configs/demo.yaml", expect_rc=2)
+    assert "resnet: error: no command 'test'" in proc.stderr
+    assert "{fit,validate}" in run_resnet("--config", "configs/demo.yaml", expect_rc=2).stderr
+
+
+def test_usage_and_errors_name_the_whole_command():
+    err = run_resnet("bench", "data", "--bogus", "1", expect_rc=2).stderr
+    assert "usage: resnet bench [options] data" in err and "run: resnet bench data --help" in err
+    err = run_resnet("prepare", "demo", "--sizes", "1", expect_rc=2).stderr
+    assert "run: resnet prepare demo --help" in err
+
+
+def test_dashes_and_underscores_alike(tmp_path):
+    out = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.max-epochs", "3",
+                     "--data.batch-size", "32", "--print_config").stdout
+    config = yaml.safe_load(out)
+    assert config["trainer"]["max_epochs"] == 3 and config["data"]["batch_size"] == 32
