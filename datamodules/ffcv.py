@@ -253,7 +253,7 @@ def _batches(running, fname: str):
             running.close()
             return
         slot, batch = item
-        if running.cuda_streams[slot] is not None:  # with ToDevice: wait for this batch's copy, as __next__ does
+        if running.cuda_streams[slot] is not None:  # on a CUDA machine: wait for this batch's stream, as __next__ does
             running.current_stream.wait_stream(running.cuda_streams[slot])
         batches += 1
         yield batch

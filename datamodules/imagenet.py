@@ -74,11 +74,12 @@ class ImageNetDataModule(pl.LightningDataModule):
                 backend only.
             random_erasing: probability of RandomErasing a box of each training crop (0.1 in torchvision's V2
                 recipe); torchvision backend only.
-            repeated_augmentation: copies of each sampled image in an epoch, each augmented on its own and read on
-                consecutive ranks (Hoffer et al. 2020, Berman et al. 2019; torchvision's --ra-reps, 4 in its V2
-                recipe); an epoch keeps its number of steps, so it holds about 1 / repeated_augmentation of the
-                distinct images (datamodules/order.py). 1 = off. Every backend; the torchvision backend draws each
-                copy's crop from (seed, epoch, index, copy).
+            repeated_augmentation: copies of each sampled image in an epoch, each augmented on its own,
+                consecutive in the order the ranks deal out (Hoffer et al. 2020, Berman et al. 2019; torchvision's
+                --ra-reps, 4 in its V2 recipe); an epoch keeps its number of steps, so it holds about
+                1 / repeated_augmentation of the distinct images (datamodules/order.py). 1 = off. Every backend but
+                FFCV's quasi_random order; the torchvision backend draws each copy's crop from (seed, epoch, index,
+                copy).
             max_corrupt_train_images: unreadable training images skipped (each replaced by the next image, with a
                 warning naming it) in the whole run, all ranks and restarts together (`<run>/skipped_images.txt`),
                 before it stops; validation never skips one. A manifest's unreadable files are left out beforehand.
@@ -105,6 +106,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         if repeated_augmentation < 1:
             raise ValueError(f"data.repeated_augmentation={repeated_augmentation}: copies of each image in an epoch, "
                              "at least 1 (1 = off; 4 in torchvision's V2 recipe)")
+        if repeated_augmentation > 1 and backend == "ffcv" and ffcv_order == "quasi_random":
+            raise ValueError(f"data.repeated_augmentation={repeated_augmentation} with data.ffcv_order=quasi_random: "
+                             "FFCV's page-local order has no repeats; use ffcv_order random or repeated_augmentation 1")
         self.save_hyperparameters()
         self.root = Path(root)
         self.batch_size = batch_size

@@ -32,7 +32,7 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def rank_positions(num_samples: int, rank: int, world_size: int, start: int = 0,
-                   start_world_size: Optional[int] = None, repeats: int = 1) -> np.ndarray:
+                   start_world_size: Optional[int] = None, repeats: int = 1, redeal: bool = False) -> np.ndarray:
     """Positions rank `rank` reads in an epoch's sequence from global position `start` on.
 
     The sequence is the epoch's permutation with each sample `repeats` times in a row (repeated augmentation:
@@ -46,13 +46,14 @@ def rank_positions(num_samples: int, rank: int, world_size: int, start: int = 0,
         start: positions already read in this epoch by all ranks together (a multiple of the world size that read them).
         start_world_size: the world size that read them; None = `world_size`.
         repeats: copies of each sample in the sequence.
+        redeal: deal out the positions from `start` to the epoch's end anew (as after a world-size change).
 
     Returns:
         int64 array of positions in [0, num_samples x repeats).
     """
     length = num_samples * repeats
     old = start_world_size or world_size
-    if old == world_size:  # the same padded sequence as the uninterrupted run
+    if old == world_size and not redeal:  # the same padded sequence as the uninterrupted run
         total = -(-num_samples // world_size) * world_size
         return np.arange(start + rank, total, world_size, dtype=np.int64) % length
     rest = np.arange(min(start, num_samples), num_samples, dtype=np.int64)  # another world size: deal out the rest
@@ -86,13 +87,17 @@ class TrainPosition:
     samples: int
     world_size: int
     batch_size: int  # per rank
+    repeats: int = 1  # repeated augmentation's copies (checkpoints from before it: 1)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, state: Optional[dict]) -> Optional["TrainPosition"]:
-        return cls(**{k: int(state[k]) for k in ("epoch", "samples", "world_size", "batch_size")}) if state else None
+        if not state:
+            return None
+        return cls(**{k: int(state[k]) for k in ("epoch", "samples", "world_size", "batch_size")},
+                   repeats=int(state.get("repeats", 1)))
 
 
 class EpochOrder:
@@ -134,7 +139,7 @@ class EpochOrder:
     def begin_pass(self) -> np.ndarray:
         """This rank's indices for the pass starting now: whole batches, from the resume position when the pass is
         of the epoch that position is in."""
-        start, old_world = 0, self.world_size
+        start, old_world, redeal = 0, self.world_size, False
         position, self._resume = self._resume, None
         if position is not None and position.epoch == self.epoch:
             start, old_world = position.samples, position.world_size
@@ -142,18 +147,24 @@ class EpochOrder:
                 log.warning("resuming epoch %d at sample %d with %d ranks x %d (saved with %d x %d): the rest of the "
                             "epoch is dealt out anew", self.epoch, start, self.world_size, self.batch_size, old_world,
                             position.batch_size)
+            if position.repeats != self.repeats:  # another sequence: its positions past `start` are not the rest
+                log.warning("resuming epoch %d at sample %d with data.repeated_augmentation=%d (saved with %d): the rest "
+                            "of the epoch is dealt out anew", self.epoch, start, self.repeats, position.repeats)
+                redeal = True
         elif position is not None and position.epoch > self.epoch:
             self._resume = position  # not this pass yet (e.g. a sanity pass)
         self._pass_epoch, self._pass_start, self._read = self.epoch, start, 0
-        indices, self._pass_repeats = self.keys(self.epoch, start, old_world)
+        indices, self._pass_repeats = self.keys(self.epoch, start, old_world, redeal)
         return indices
 
-    def keys(self, epoch: int, start: int = 0, start_world_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
-        """This rank's samples of `epoch` from global position `start` (dealt by `start_world_size` ranks before it),
-        whole batches only: (indices, copies), int64 (k * batch_size,) each; copies count each index's repeats
-        (0, 1, ... up to `repeats` - 1; all 0 without repeated augmentation)."""
+    def keys(self, epoch: int, start: int = 0, start_world_size: Optional[int] = None,
+             redeal: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """This rank's samples of `epoch` from global position `start` (dealt by `start_world_size` ranks before it;
+        `redeal`: the rest dealt out anew whatever the world size), whole batches only: (indices, copies), int64
+        (k * batch_size,) each; copies count each index's repeats (0 up to `repeats` - 1; all 0 without repeated
+        augmentation)."""
         positions = rank_positions(self.num_samples, self.rank, self.world_size, start,
-                                   start_world_size or self.world_size, self.repeats)
+                                   start_world_size or self.world_size, self.repeats, redeal)
         batches = min(len(positions) // self.batch_size, self.batches_per_epoch)
         positions = positions[: batches * self.batch_size]
         return epoch_permutation(self.num_samples, self.seed, epoch)[positions // self.repeats], positions % self.repeats
@@ -181,7 +192,7 @@ class EpochOrder:
         if self._resume is not None:
             return self._resume
         return TrainPosition(self._pass_epoch, self._pass_start + self._read * self.batch_size * self.world_size,
-                             self.world_size, self.batch_size)
+                             self.world_size, self.batch_size, self.repeats)
 
     def batches(self, indices: np.ndarray) -> Iterator[list[tuple[int, ...]]]:
         """Keys in batches: the dataset draws each sample's augmentation from them. (index, epoch); with repeated
@@ -193,4 +204,5 @@ class EpochOrder:
             return
         assert len(indices) == len(self._pass_repeats), "batches() takes the indices begin_pass() returned"
         for i in range(0, len(indices), self.batch_size):
-            yield [(int(k), epoch, int(c)) for k, c in zip(indices[i : i + self.batch_size], self._pass_repeats[i : i + self.batch_size])]
+            batch = slice(i, i + self.batch_size)
+            yield [(int(k), epoch, int(c)) for k, c in zip(indices[batch], self._pass_repeats[batch])]

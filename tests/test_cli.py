@@ -42,3 +42,10 @@ def test_dashes_and_underscores_alike(tmp_path):
                      "--data.batch-size", "32", "--print_config").stdout
     config = yaml.safe_load(out)
     assert config["trainer"]["max_epochs"] == 3 and config["data"]["batch_size"] == 32
+
+
+def test_spelling_stops_at_a_bare_double_dash():
+    from train.cli import underscore_options
+
+    assert underscore_options(["--max-resolution", "512", "--", "--my-photo.jpg"]) == [
+        "--max_resolution", "512", "--", "--my-photo.jpg"]

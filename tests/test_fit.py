@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 import yaml
@@ -81,10 +83,17 @@ def test_demo_recipe_reaches_90_percent(tmp_path):
     assert metrics["val/acc1"] >= 0.90, metrics
 
 
-def test_num_classes_unset_and_no_train_folder_is_a_usage_error(tmp_path):
-    (tmp_path / "data/val").mkdir(parents=True)
+def test_num_classes_unset_follows_the_classes_of_the_data_there_is(demo_root, tmp_path):
+    (tmp_path / "data").mkdir()
     proc = run_resnet(*tiny_fit_args(tmp_path / "data", tmp_path / "run"), expect_rc=2)
     assert f"error: model.num_classes from data.root: {tmp_path}/data/train: missing" in proc.stderr
+    # A machine holding only the validation split: its class folders.
+    shutil.copytree(demo_root / "val", tmp_path / "val_only" / "val")
+    run_resnet("validate", "--config", "configs/demo.yaml", "--data.root", str(tmp_path / "val_only"),
+               "--data.crop_size", "32", "--data.val_resize_size", "36", "--data.num_workers", "0",
+               "--random_weights", "true", "--trainer.default_root_dir", str(tmp_path / "v"),
+               "--trainer.enable_progress_bar", "false")
+    assert last_metrics(tmp_path / "v")["val/images"] == 30
 
 
 def test_imagenet_recipe_runs_bf16_channels_last(demo_root, tmp_path):

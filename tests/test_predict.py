@@ -71,8 +71,26 @@ def test_bad_input_names_the_cause(checkpoint, tmp_path):
     assert "--output p.txt: expected a .csv or .json file" in proc.stderr
 
 
-def test_imagenet_outputs_get_torchvisions_names():
+def test_a_state_dict_gets_its_names_from_the_synsets_file(checkpoint, demo_root, tmp_path):
+    # No classes travel with a bare state dict: the synsets file's sorted WordNet ids (one a line) stand for them.
+    weights = tmp_path / "r18.pth"
+    torch.save(load_checkpoint(str(checkpoint)).net.state_dict(), weights)
+    image = sorted((demo_root / "val" / "n90000003").glob("*.JPEG"))[0]
+    out = tmp_path / "p.json"
+    run_resnet("predict", "--weights", str(weights), str(image), "--synsets", str(demo_root / "synsets.txt"),
+               "--crop_size", "32", "--resize_size", "36", "--output", str(out))
+    top = json.loads(out.read_text())[0]["top"]
+    synsets = dict(line.split(" ", 1) for line in (demo_root / "synsets.txt").read_text().splitlines())
+    assert [t["class"] for t in top] == [sorted(synsets)[t["index"]] for t in top]
+    assert [t["name"] for t in top] == [synsets[t["class"]] for t in top]
+    proc = run_resnet("predict", "--weights", str(weights), str(image), "--synsets", str(tmp_path / "no.txt"), expect_rc=2)
+    assert f"--synsets {tmp_path}/no.txt: no such file" in proc.stderr
+
+
+def test_class_ids_and_names_without_a_checkpoints_classes(demo_root):
     wnids = [f"n{i:08d}" for i in range(1000)]
-    names = class_names(wnids, 1000, None, None)
-    assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue"
-    assert class_names(["b", "a"], 2, None, None) == ["b", "a"]  # no names anywhere: the ids
+    ids, names = class_names(wnids, 1000, None, None)
+    assert names[0] == "tench" and names[1] == "goldfish" and names[999] == "toilet tissue" and ids == wnids
+    assert class_names(["b", "a"], 2, None, None) == (["b", "a"], ["b", "a"])  # no names anywhere: the ids
+    ids, names = class_names(None, 6, None, str(demo_root))  # the training data's folders and synsets.txt
+    assert ids == sorted(p.name for p in (demo_root / "train").iterdir()) and names[0] == "horizontal stripes"

@@ -63,7 +63,7 @@ def test_a_resume_mid_epoch_continues_with_the_same_copies(world):
         indices, copies = whole.keys(2)
         resumed = EpochOrder(40, seed=1, rank=rank, world_size=world, batch_size=2, repeats=3)
         resumed.set_epoch(2)
-        resumed.resume_at(TrainPosition(epoch=2, samples=2 * 2 * world, world_size=world, batch_size=2))  # 2 steps
+        resumed.resume_at(TrainPosition(epoch=2, samples=2 * 2 * world, world_size=world, batch_size=2, repeats=3))
         keys = [k for batch in resumed.batches(resumed.begin_pass()) for k in batch]
         assert keys == [(int(i), 2, int(c)) for i, c in zip(indices[4:], copies[4:])]
 
@@ -116,3 +116,27 @@ def test_other_backends_read_the_repeated_order(backend, demo_root, tmp_path):
 def test_torchvision_v2_recipe_repeats_four_times():
     recipe = yaml.safe_load((REPO / "configs/recipes/torchvision_v2.yaml").read_text())
     assert recipe["data"]["repeated_augmentation"] == 4  # --ra-sampler --ra-reps 4
+
+
+def test_a_resume_with_another_world_or_repeat_count_reads_the_rest_once(caplog):
+    # Saved after 2 steps of 2 ranks x batch 2 with 3 copies: 8 positions read of 40.
+    saved = TrainPosition(epoch=0, samples=8, world_size=2, batch_size=2, repeats=3)
+    assert TrainPosition.from_dict(saved.as_dict()) == saved
+    assert TrainPosition.from_dict({"epoch": 0, "samples": 8, "world_size": 2, "batch_size": 2}).repeats == 1  # older
+    for world, repeats in ((4, 3), (2, 2)):
+        orders = [EpochOrder(40, seed=1, rank=r, world_size=world, batch_size=2, repeats=repeats) for r in range(world)]
+        read = []
+        for order in orders:
+            order.resume_at(saved)
+            indices = order.begin_pass()
+            read += [(int(i), int(c)) for i, c in zip(indices, order._pass_repeats)]
+        # The positions 8..39 of the resumed run's sequence, each once (whole batches: at most a batch a rank short).
+        whole = EpochOrder(40, seed=1, rank=0, world_size=1, batch_size=1, repeats=repeats).keys(0)
+        rest = sorted(zip(whole[0][8:].tolist(), whole[1][8:].tolist()))
+        assert len(read) == len(set(read)) and set(read) <= set(rest) and len(rest) - len(read) < world * 2
+    assert "with data.repeated_augmentation=2 (saved with 3): the rest of the epoch is dealt out anew" in caplog.text
+
+
+def test_ffcvs_page_local_order_refuses_repeats(tmp_path):
+    with pytest.raises(ValueError, match="data.repeated_augmentation=4 with data.ffcv_order=quasi_random"):
+        ImageNetDataModule(str(tmp_path), backend="ffcv", ffcv_order="quasi_random", repeated_augmentation=4)

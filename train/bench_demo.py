@@ -68,9 +68,9 @@ def bench_demo(
     unknown = [n for n in names if n not in CONDITIONS]
     if unknown:
         raise ValueError(f"--conditions {unknown}: expected some of {', '.join(CONDITIONS)}")
+    root, out = str(Path(root).resolve()), Path(output).resolve()  # the fits run in the checkout, this from anywhere
     if not (Path(root) / "train").is_dir():
         write_demo_dataset(root)
-    out = Path(output)
     rows = []
     for name in names:
         env, options = CONDITIONS[name]

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+import torch
 from jsonargparse import ArgumentParser, Namespace, auto_cli
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -75,11 +76,6 @@ class ResNetCLI(LightningCLI):
             # Interactive runs only: in a batch job (sbatch, docker without -t, a pipe) the bar fills the log, and
             # reading its metrics each step synchronises the GPU with the host.
             config.trainer.enable_progress_bar = sys.stderr.isatty()
-        if config.model.num_classes is None:  # the data's: its class folders (sorted WordNet ids), before the model
-            try:
-                config.model.num_classes = len(find_classes(Path(config.data.root) / "train"))
-            except DatasetLayoutError as e:
-                self.parser.error(f"model.num_classes from data.root: {e}")
         resizing = config.data.get("progressive_resizing")
         if resizing is not None:  # its own checks, as a usage error rather than a traceback from instantiation
             try:
@@ -104,6 +100,8 @@ class ResNetCLI(LightningCLI):
                 "(e.g. runs/imagenet_r50/checkpoints/best.ckpt, or `last`), --model.pretrained FILE, or "
                 "--random_weights true to evaluate random weights on purpose"
             )
+        if config.model.num_classes is None:
+            config.model.num_classes = self._num_classes(config)
         if config.trainer.logger is not False:  # False: no logging at all
             # The CSV logger first: trainer.log_dir is the first logger's (logs/version_N/: config.yaml, the report).
             # Other loggers (e.g. configs/logger/wandb.yaml) come after it.
@@ -115,6 +113,21 @@ class ResNetCLI(LightningCLI):
             config.trainer.logger = loggers
             # W&B loggers: run directory, run id (kept by a resumed run, new for a fresh one), name; dashboards callback
             configure_wandb(config, root, resumed=bool(config.get("ckpt_path")))
+
+    def _num_classes(self, config: Namespace) -> int:
+        """An unset model.num_classes: the checkpoint's (validate --ckpt_path), else the data's class folders
+        (train/, or val/ on a machine that holds only the validation split), counted before the model is built."""
+        ckpt = config.get("ckpt_path")
+        if self.subcommand == "validate" and ckpt and Path(ckpt).is_file():
+            hparams = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("hyper_parameters", {})
+            if hparams.get("num_classes"):
+                return int(hparams["num_classes"])
+        root = Path(config.data.root)
+        split = "train" if (root / "train").is_dir() or not (root / "val").is_dir() else "val"
+        try:
+            return len(find_classes(root / split))
+        except DatasetLayoutError as e:
+            self.parser.error(f"model.num_classes from data.root: {e}")
 
     def instantiate_classes(self) -> None:
         try:
@@ -128,7 +141,9 @@ class ResNetCLI(LightningCLI):
 def underscore_options(args: list[str]) -> list[str]:
     """`--train-tar` and `--train_tar`, `--trainer.max-epochs` and `--trainer.max_epochs`: option names are Python
     identifiers underneath; every command accepts both spellings."""
-    return [re.sub(r"^--[a-z0-9_.-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a) for a in args]
+    end = args.index("--") if "--" in args else len(args)  # after a bare `--`: arguments, not options
+    return [re.sub(r"^--[a-z0-9_.-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a)
+            for a in args[:end]] + args[end:]
 
 
 # `resnet prepare` and `resnet bench`: subcommand -> ("module:function", one line for `resnet --help`). Imported only
@@ -154,14 +169,18 @@ BENCH = {
 }
 
 
+OPTIONAL_PACKAGES = {"ffcv", "nvidia", "cv2", "numba"}  # pyproject's ffcv and dali extras
+
+
 def _functions(registry: dict[str, tuple[str, str]]) -> dict:
     functions = {}
     for name, (target, _) in registry.items():
         module, function = target.split(":")
         try:
             functions[name] = getattr(importlib.import_module(module), function)
-        except ImportError:  # an optional extra (ffcv) not installed: the other subcommands still work
-            pass
+        except ImportError as e:  # an optional extra not installed: the other subcommands still work
+            if (e.name or "").split(".")[0] not in OPTIONAL_PACKAGES:
+                raise
     return functions
 
 

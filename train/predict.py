@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -46,33 +47,52 @@ def image_paths(inputs: list[str]) -> list[str]:
     return paths
 
 
-def class_names(classes: Optional[list[str]], num_outputs: int, synsets: Optional[str], data_root: Optional[str]) -> list[str]:
-    """A readable name per output: from `synsets` ("wnid name" lines: ILSVRC's LOC_synset_mapping.txt, the demo's
-    synsets.txt), else the one beside the training data, else torchvision's ImageNet names when the outputs are
-    ImageNet-1k's (1,000 sorted WordNet ids), else the class id itself."""
-    ids = classes or [str(i) for i in range(num_outputs)]
+def class_names(classes: Optional[list[str]], num_outputs: int, synsets: Optional[str],
+                data_root: Optional[str]) -> tuple[list[str], list[str]]:
+    """(class id, readable name) per output. Ids: the checkpoint's classes, else the sorted WordNet ids of a synsets
+    file with one line per output, else data_root/train's sorted class folders, else the output index. Names: from
+    `synsets` ("wnid name" lines: ILSVRC's LOC_synset_mapping.txt, the demo's synsets.txt), else the one beside the
+    training data, else torchvision's ImageNet names when the outputs are ImageNet-1k's (1,000 sorted WordNet ids),
+    else the id itself.
+
+    Raises:
+        FileNotFoundError: a `synsets` file that does not exist.
+    """
+    if synsets and not Path(synsets).is_file():
+        raise FileNotFoundError(f"--synsets {synsets}: no such file")
     candidates = [Path(synsets)] if synsets else [Path(data_root) / n for n in ("synsets.txt", "LOC_synset_mapping.txt")] if data_root else []
+    mapping = {}
     for path in candidates:
         if path.is_file():
-            mapping = dict(line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)
-            return [mapping.get(i, i).strip() for i in ids]
-        if synsets:
-            raise FileNotFoundError(f"--synsets {synsets}: no such file")
+            mapping = {w: n.strip() for w, n in (line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)}
+            break
+    ids = classes
+    if ids is None and len(mapping) == num_outputs:  # LOC_synset_mapping.txt: the 1,000 WordNet ids, sorted
+        ids = sorted(mapping)
+    if ids is None and data_root and (Path(data_root) / "train").is_dir():
+        found = sorted(e.name for e in os.scandir(Path(data_root) / "train") if e.is_dir() and not is_hidden(e.name))
+        ids = found if len(found) == num_outputs else None
+    if mapping and ids is not None:
+        return ids, [mapping.get(i, i) for i in ids]
+    ids = ids or [str(i) for i in range(num_outputs)]
     if num_outputs == 1000 and (classes is None or classes == sorted(classes)):
         from torchvision.models import ResNet50_Weights
 
-        return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])  # in the order of the sorted WordNet ids
-    return ids
+        return ids, list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])  # in the order of the sorted WordNet ids
+    return ids, ids
 
 
-def _geometry(ckpt: Optional[str], loaded: LoadedModel) -> tuple[int, int, Optional[str]]:
-    """(crop, resize, data root) of the training run's validation, or torchvision's 224 / 256 (232 for V2)."""
+def _checkpoint_settings(ckpt: Optional[str], loaded: LoadedModel) -> tuple[int, int, Optional[str], bool]:
+    """(crop, resize, data root, flip averaging) of the training run's validation, or torchvision's 224 / 256 (232
+    for its V2 weights), no flip."""
     if ckpt:
-        config = yaml.safe_load(torch.load(ckpt, map_location="cpu", weights_only=False).get("config") or "{}") or {}
+        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # mapped: tensors not read
+        config = yaml.safe_load(state.get("config") or "{}") or {}
         data = config.get("data", {})
         crop = data.get("val_crop_size") or data.get("crop_size") or 224
-        return crop, data.get("val_resize_size") or round(crop / 0.875), data.get("root")
-    return 224, loaded.resize_size or 256, None
+        flip = bool(state.get("hyper_parameters", {}).get("val_flip_average", False))
+        return crop, data.get("val_resize_size") or round(crop / 0.875), data.get("root"), flip
+    return 224, loaded.resize_size or 256, None, False
 
 
 def predict(
@@ -103,11 +123,15 @@ def predict(
             training data, or torchvision's ImageNet names for 1,000 classes.
         device: `auto` (a CUDA GPU when there is one), `cpu` or `cuda`.
 
+    A checkpoint trained with `model.val_flip_average` averages each image's logits with its mirror's, as its
+    validation did.
+
     Returns:
         One dict per image: path, and `top` (a list of {index, class, name, probability}) or `error`.
 
     Raises:
-        ValueError: neither or both of ckpt and weights, top_k < 1, no images, an unknown output suffix.
+        ValueError: neither or both of ckpt and weights, top_k < 1, no images, an unknown output suffix, a device
+            that is not here.
         FileNotFoundError: a missing input, checkpoint or synsets file.
     """
     if (ckpt is None) == (weights is None):
@@ -116,15 +140,18 @@ def predict(
         raise ValueError(f"--top_k {top_k}: expected at least 1")
     if output and Path(output).suffix not in (".csv", ".json"):
         raise ValueError(f"--output {output}: expected a .csv or .json file")
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {device}: expected auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU here (--device auto uses one when there is one)")
     paths = image_paths(inputs)
     loaded = load_checkpoint(ckpt) if ckpt else load_weights(weights)
-    crop, resize, data_root = _geometry(ckpt, loaded)
+    crop, resize, data_root, flip = _checkpoint_settings(ckpt, loaded)
     transform = val_transform(crop_size=crop_size or crop, resize_size=resize_size or resize)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     net = loaded.net.to(dev).eval()
     num_outputs = net.fc.out_features
-    names = class_names(loaded.classes, num_outputs, synsets, data_root)
-    ids = loaded.classes or [str(i) for i in range(num_outputs)]
+    ids, names = class_names(loaded.classes, num_outputs, synsets, data_root)
     k = min(top_k, num_outputs)
     rows: list[dict] = []
     for start in range(0, len(paths), batch_size):
@@ -140,7 +167,10 @@ def predict(
             continue
         with torch.inference_mode():
             batch = normalize_batch(torch.stack(images).to(dev))
-            probs = torch.softmax(net(batch).float(), dim=1)
+            logits = net(batch).float()
+            if flip:  # the checkpoint validated with the mirror's logits averaged in (val_flip_average)
+                logits = (logits + net(batch.flip(3)).float()) / 2
+            probs = torch.softmax(logits, dim=1)
         top = probs.topk(k, dim=1)
         for path, p, i in zip(kept, top.values.tolist(), top.indices.tolist()):
             rows.append({"path": path, "top": [{"index": c, "class": ids[c], "name": names[c], "probability": q}
