@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from tests.conftest import REPO, run_resnet
-from train.cli import BENCH, COMMANDS, PREPARE
+from train.commands import BENCH, COMMANDS, PREPARE
 
 
 def test_help_lists_every_command_once_with_a_line():
@@ -45,7 +45,7 @@ def test_dashes_and_underscores_alike(tmp_path):
 
 
 def test_spelling_stops_at_a_bare_double_dash():
-    from train.cli import underscore_options
+    from train.commands import underscore_options
 
     assert underscore_options(["--max-resolution", "512", "--", "--my-photo.jpg"]) == [
         "--max_resolution", "512", "--", "--my-photo.jpg"]

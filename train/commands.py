@@ -1,0 +1,78 @@
+"""The `resnet` commands: each with one line for `resnet --help` (the subcommands of `prepare` and `bench` as
+"module:function", imported only when run), and the one option spelling of all of them."""
+
+from __future__ import annotations
+
+import importlib
+import re
+
+
+def underscore_options(args: list[str]) -> list[str]:
+    """`--train-tar` and `--train_tar`, `--trainer.max-epochs` and `--trainer.max_epochs`: option names are Python
+    identifiers underneath; every command accepts both spellings."""
+    end = args.index("--") if "--" in args else len(args)  # after a bare `--`: arguments, not options
+    return [re.sub(r"^--[a-z0-9_.-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a)
+            for a in args[:end]] + args[end:]
+
+
+# `resnet prepare` and `resnet bench`: subcommand -> ("module:function", one line for `resnet --help`). Imported only
+# when run (FFCV's numba, the benchmarks' modules).
+PREPARE = {
+    "demo": ("datamodules.demo:write_demo_dataset", "write the demo dataset: 6 texture classes, 960 train / 240 val JPEGs"),
+    "imagenet": ("datamodules.prepare:prepare_imagenet",
+                 "arrange the ILSVRC2012 tars (or a Kaggle copy) into train/<wnid>/ and val/<wnid>/"),
+    "check": ("datamodules.dataset_check:check_dataset",
+              "decode every image, report problems by path, write the manifest runs start from"),
+    "ffcv": ("datamodules.ffcv_write:prepare_ffcv", "write train.beton and val.beton for --data.backend ffcv"),
+}
+BENCH = {
+    "data": ("train.bench:bench_data", "loader throughput alone, each backend on the same JPEGs"),
+    "model": ("train.bench:bench_model", "training-step ceiling on synthetic tensors (no loader)"),
+    "fit": ("train.bench:bench_fit", "the whole training pipeline against that ceiling"),
+    "eval": ("train.bench:bench_eval", "evaluation images/s under each protocol"),
+    "node": ("train.node_report:bench_node", "this machine's report: all of the above and the GPU tests (make gpu-check)"),
+    "checkpoint": ("train.bench_checkpoint:bench_checkpoint", "the cost of a periodic checkpoint"),
+    "start": ("train.bench_start:bench_start", "start-up time to the first step: folder scan against manifest"),
+    "recipes": ("train.bench_recipes:bench_recipes", "images/s per training resolution, each recipe's estimated time"),
+    "demo": ("train.bench_demo:bench_demo", "the demo's accuracy under other thread counts, CPU kernels and seeds"),
+}
+
+
+OPTIONAL_PACKAGES = {"ffcv", "nvidia", "cv2", "numba"}  # pyproject's ffcv and dali extras
+
+
+def functions(registry: dict[str, tuple[str, str]]) -> dict:
+    functions = {}
+    for name, (target, _) in registry.items():
+        module, function = target.split(":")
+        try:
+            functions[name] = getattr(importlib.import_module(module), function)
+        except ImportError as e:  # an optional extra not installed: the other subcommands still work
+            if (e.name or "").split(".")[0] not in OPTIONAL_PACKAGES:
+                raise
+    return functions
+
+
+# Every command, one line each: `resnet --help`.
+COMMANDS = {
+    "fit": "train: --config configs/imagenet_r50.yaml (a recipe on top: configs/recipes/*.yaml)",
+    "validate": "val top-1 / top-5 of a checkpoint (--ckpt_path) under its training config",
+    "evaluate": "the ILSVRC protocols on val (center, 10crop, multiscale) for a checkpoint or torchvision weights",
+    "ensemble": "average the class probabilities of several `resnet evaluate --output` files",
+    "predict": "top-5 classes with names and probabilities of image files or folders, as CSV or JSON",
+    "prepare": PREPARE,
+    "bench": BENCH,
+}
+
+
+def overview() -> str:
+    """`resnet --help`: every command and subcommand with one line, and the option spelling."""
+    lines = ["usage: resnet COMMAND [options]      resnet COMMAND --help: the options of one command", "", "commands:"]
+    for name, what in COMMANDS.items():
+        if isinstance(what, dict):
+            lines += [f"  {name + ' ' + sub:<19} {line}" for sub, (_, line) in what.items()]
+        else:
+            lines.append(f"  {name:<19} {what}")
+    lines += ["", "Options: --a_b or --a-b alike; nested settings with dots (--data.batch_size 256); --config FILE.yaml",
+              "sets many at once (later options override it). Recipes and the cluster scripts: README.md."]
+    return "\n".join(lines)
