@@ -49,3 +49,22 @@ def test_spelling_stops_at_a_bare_double_dash():
 
     assert underscore_options(["--max-resolution", "512", "--", "--my-photo.jpg"]) == [
         "--max_resolution", "512", "--", "--my-photo.jpg"]
+
+
+def test_no_srun_hint_outside_a_slurm_allocation(demo_root, tmp_path):
+    # srun exists here (the test cluster's packages): Lightning's "srun is available" hint would print on every
+    # command, as on a login node. The installed script, with Python's default warning filters.
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert shutil.which("srun"), "the SLURM packages (make slurm-packages) put srun on PATH"
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith(("SLURM_", "PYTHONWARNINGS"))}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "resnet"), "validate", "--config", "configs/demo.yaml", "--data.root",
+         str(demo_root), "--data.crop_size", "32", "--data.val_resize_size", "36", "--data.num_workers", "0",
+         "--random_weights", "true", "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar",
+         "false"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "The `srun` command is available" not in proc.stderr and "val/acc1" in proc.stdout

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -194,6 +195,10 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
 def main(args: Optional[list[str]] = None) -> None:
     # Lightning 2.6 calling torch APIs that torch 2.14 deprecates: noise in every run, nothing for users to fix.
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|all_gather is deprecated)")
+    if "SLURM_JOB_ID" not in os.environ:
+        # Lightning's hint to launch with srun, printed by every command wherever srun exists (a login node): it only
+        # helps inside an allocation, where it stays.
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
     argv = underscore_options(sys.argv[1:] if args is None else args)
     if not argv or argv[0] in ("-h", "--help"):
         print(overview(), file=sys.stdout if argv else sys.stderr)
