@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Sequence, get_args
 
 import torch
 from torchvision.transforms import v2
@@ -118,7 +118,10 @@ def val_transform(*, crop_size: int = 224, resize_size: int = 256) -> v2.Compose
     return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(crop_size)])
 
 
+# The ILSVRC evaluation protocols (EvalViews): the one list that `resnet evaluate`, the benchmarks and the SLURM
+# scripts (through `resnet evaluate`'s own check) take.
 Protocol = Literal["center", "10crop", "multiscale"]
+PROTOCOLS: tuple[str, ...] = get_args(Protocol)
 # He et al. 2015, Table 4: the fully-convolutional test averages shorter sides {224, 256, 384, 480, 640}.
 PAPER_SCALES = (224, 256, 384, 480, 640)
 
@@ -144,8 +147,8 @@ class EvalViews:
         flip: bool = True,
         ten_crop_region: Literal["image", "center_square"] = "image",
     ):
-        if protocol not in ("center", "10crop", "multiscale"):
-            raise ValueError(f"protocol={protocol!r}: expected center, 10crop or multiscale")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
         if ten_crop_region not in ("image", "center_square"):
             raise ValueError(f"ten_crop_region={ten_crop_region!r}: expected image or center_square")
         self.ten_crop_region = ten_crop_region

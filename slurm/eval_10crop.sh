@@ -22,7 +22,7 @@ source "$repo/slurm/env.sh"
 ckpt=${1:?usage: sbatch slurm/eval_10crop.sh CKPT [10crop|center|multiscale] [resnet evaluate options]}
 shift
 protocol=10crop
-if [[ ${1:-} =~ ^(center|10crop|multiscale)$ ]]; then
+if [[ -n ${1:-} && ${1:0:1} != - ]]; then  # a protocol (resnet evaluate checks its name), not an option
     protocol=$1
     shift
 fi

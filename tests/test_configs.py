@@ -15,10 +15,11 @@ EVAL_CONFIGS = sorted((REPO / "configs/eval").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_config_parses_and_instantiates(config, tmp_path):
+def test_config_parses_and_instantiates(config, demo_root, tmp_path):
     chain = [REPO / "configs" / BASES[config.name], config] if config.name in BASES else [config]
     args = [a for c in chain for a in ("--config", str(c))]
-    cli = build_cli([*args, "--trainer.default_root_dir", str(tmp_path)], run=False)
+    # Data where the demo configs count their classes (model.num_classes unset); a fresh clone has no .cache/.
+    cli = build_cli([*args, "--trainer.default_root_dir", str(tmp_path), "--data.root", str(demo_root)], run=False)
     assert isinstance(cli.model, ImageNetClassifier) and isinstance(cli.datamodule, ImageNetDataModule)
     # The model's lr scales with the global batch that only the data config sets.
     assert cli.model.hparams.batch_size == cli.datamodule.batch_size
@@ -29,6 +30,7 @@ def test_config_parses_and_instantiates(config, tmp_path):
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
     if config.name == "demo_r34.yaml":
         assert cli.model.hparams.arch == "resnet34" and cli.model.hparams.lr_per_256 == 0.4
+    assert cli.model.hparams.num_classes == (6 if config.name.startswith("demo") else 1000)
 
 
 @pytest.mark.parametrize("config", EVAL_CONFIGS, ids=lambda p: p.name)

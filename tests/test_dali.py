@@ -205,7 +205,7 @@ def test_two_ranks_resume_their_own_crops_from_rank_0s_checkpoint(demo_root, tmp
     saved = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     checkpoint = saved[0]["state"]  # what the file holds
     assert sorted(checkpoint["dali_pipelines"]) == [0, 1]
-    assert checkpoint["train_position"] == {"epoch": 1, "samples": 32, "world_size": 2, "batch_size": 8}
+    assert checkpoint["train_position"] == {"epoch": 1, "samples": 32, "world_size": 2, "batch_size": 8, "repeats": 1}
     for rank in (0, 1):
         _, loader = _datamodule(str(demo_root), rank, checkpoint)
         rest = list(loader)

@@ -195,7 +195,7 @@ def test_each_backend_resumes_an_epoch_with_the_samples_the_uninterrupted_run_re
     it = begin(first)
     head = [(x.clone(), y.tolist()) for x, y in (next(it) for _ in range(2))]
     state = dm.state_dict()
-    assert state["train_position"] == {"epoch": 1, "samples": 8, "world_size": 2, "batch_size": 2}
+    assert state["train_position"] == {"epoch": 1, "samples": 8, "world_size": 2, "batch_size": 2, "repeats": 1}
     del it
     dm, second = loader(state)
     assert len(second) == 6  # Lightning counts a resumed epoch's batches from its start

@@ -197,7 +197,7 @@ def test_run_identity_is_stable_per_run_directory(tmp_path, monkeypatch):
     assert not (tmp_path / "e").exists()  # only rank 0 writes
 
 
-def test_api_key_decides_online_and_commands_without_wandb_do_not_import_it(tmp_path, monkeypatch):
+def test_api_key_decides_online_and_commands_without_wandb_do_not_import_it(demo_root, tmp_path, monkeypatch):
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / ".netrc"))
@@ -209,6 +209,7 @@ def test_api_key_decides_online_and_commands_without_wandb_do_not_import_it(tmp_
     assert evaluate_parser().parse_args(["--ckpt", "x.ckpt", "--data.root", "d", "--wandb", "false"]).wandb is False
     assert evaluate_parser().parse_args(["--ckpt", "x.ckpt", "--data.root", "d"]).wandb is None  # as the checkpoint says
     code = ("import sys; from train.cli import build_cli; import train.evaluate, train.results; "
-            f"build_cli(['--config', 'configs/demo.yaml', '--trainer.default_root_dir', {str(tmp_path / 'r')!r}], run=False); "
+            f"build_cli(['--config', 'configs/demo.yaml', '--trainer.default_root_dir', {str(tmp_path / 'r')!r}, "
+            f"'--data.root', {str(demo_root)!r}], run=False); "
             "assert 'wandb' not in sys.modules, 'wandb imported'")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True)

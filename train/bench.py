@@ -22,7 +22,7 @@ from datamodules.demo import write_bench_dataset
 from datamodules.evaluation import EvalDataModule
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.loaders import default_num_workers
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, PAPER_SCALES, EvalViews
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, PAPER_SCALES, PROTOCOLS, EvalViews, Protocol
 from train.evaluate import evaluate
 from train.networks import Arch, build_resnet
 from train.results import console
@@ -329,7 +329,7 @@ def bench_eval(
     root: Optional[str] = None,
     images_per_class: int = 6,
     image_size: tuple[int, int] = (500, 375),
-    protocols: list[str] = ["center", "10crop", "multiscale"],
+    protocols: list[Protocol] = list(PROTOCOLS),
     batch_size: int = 12,
     num_workers: Optional[int] = None,
     accelerator: str = "auto",

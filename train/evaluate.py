@@ -22,7 +22,7 @@ from rich.table import Table
 from torch import nn
 
 from datamodules.evaluation import EvalDataModule, ViewBatch
-from datamodules.transforms import PAPER_SCALES, EvalViews, normalize_batch
+from datamodules.transforms import PAPER_SCALES, EvalViews, Protocol, normalize_batch
 from train.callbacks import git_commit
 from train.results import console as results_console, save_result, topk_accuracy
 from train.weights import LoadedModel, load_checkpoint, load_weights
@@ -134,7 +134,7 @@ def _parse_scales(scales: Union[list[int], str]) -> tuple[int, ...]:
 def evaluate(
     ckpt: Optional[str] = None,
     weights: Optional[str] = None,
-    protocol: Literal["center", "10crop", "multiscale"] = "center",
+    protocol: Protocol = "center",
     scales: Union[list[int], str] = list(PAPER_SCALES),
     crop_size: int = 224,
     resize_size: Optional[int] = None,

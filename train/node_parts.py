@@ -35,7 +35,6 @@ PARTS = ("ceiling", "fit", "data", "eval", "overhead", "gpu_tests")  # gpu_tests
 Part = Literal["ceiling", "fit", "data", "eval", "overhead", "gpu_tests"]
 Layout = Literal["channels_last", "nchw"]
 LoaderBackend = Literal["torchvision", "dali", "ffcv"]
-Protocol = Literal["center", "10crop", "multiscale"]
 
 
 class Skipped(Exception):

@@ -28,6 +28,7 @@ from rich.table import Table
 
 from datamodules.demo import write_bench_dataset
 from datamodules.loaders import usable_cpus
+from datamodules.transforms import PROTOCOLS, Protocol
 from train import node_gpu_tests, node_parts
 from train.callbacks import git_commit
 from train.evaluate import exit_with_error
@@ -269,7 +270,7 @@ def bench_node(
     compiled_models: Optional[list[Arch]] = None,
     compiled_layouts: list[node_parts.Layout] = ["channels_last"],
     backends: list[node_parts.LoaderBackend] = ["torchvision", "dali", "ffcv"],
-    protocols: list[node_parts.Protocol] = ["center", "10crop", "multiscale"],
+    protocols: list[Protocol] = list(PROTOCOLS),
     batch_size: Optional[int] = None,
     crop_size: Optional[int] = None,
     precision: Optional[Literal["bf16-mixed", "16-mixed", "32-true"]] = None,
