@@ -7,8 +7,9 @@ import torch
 from datamodules import ImageNetDataModule
 from datamodules.folder import CorruptImageError, DatasetLayoutError
 from datamodules.loaders import EvalShardBatchSampler
-from datamodules.transforms import Lighting, normalize_batch, train_transform, val_transform
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, Lighting, normalize_batch, train_transform, val_transform
 from torchvision.io import decode_image, read_file
+from torchvision.transforms import v2
 
 
 def make_dm(root, **kw):
@@ -128,8 +129,12 @@ def test_train_transforms(demo_root):
 def test_val_transform_geometry(demo_root):
     image = decode_image(read_file(str(first_jpeg(demo_root))))
     out = val_transform(crop_size=32, resize_size=36)(image)
-    assert out.shape == (3, 32, 32)
-    assert normalize_batch(out[None]).abs().max() < 3
+    # Shorter side to 36 (antialiased bilinear), then the centre 32 x 32, by hand.
+    resized = v2.functional.resize(image, 36, antialias=True)
+    top, left = round((resized.shape[1] - 32) / 2), round((resized.shape[2] - 32) / 2)
+    assert min(resized.shape[1:]) == 36 and torch.equal(out, resized[:, top : top + 32, left : left + 32])
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    assert torch.allclose(normalize_batch(out[None])[0], (out.float() / 255 - mean) / std, atol=1e-6)
 
 
 def _slow_start_worker(worker_id: int) -> None:

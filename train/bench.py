@@ -36,19 +36,24 @@ def _device_name(accelerator: str = "auto") -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _time_batches(batches, warmup: int, count: int, on_batch=lambda b: b) -> float:
-    """Images/s over `count` batches after `warmup` ones (decode and augmentation are lazy: pull and touch)."""
+def _time_batches(batches, warmup: int, count: int, on_batch=lambda b: b, stats: Optional[dict] = None) -> float:
+    """Images/s over `count` batches after `warmup` ones, or as many as the loader has (decode and augmentation
+    are lazy: pull and touch). `stats`, when given, gets what was timed: images, seconds and the last batch's
+    image shape."""
     it = iter(batches)
     for _ in range(warmup):
         on_batch(next(it))
-    images, start = 0, time.perf_counter()
+    images, start, shape = 0, time.perf_counter(), None
     for _ in range(count):
         try:
             batch = on_batch(next(it))
         except StopIteration:
             break
-        images += batch[0].shape[0]
-    return images / (time.perf_counter() - start)
+        images, shape = images + batch[0].shape[0], tuple(batch[0].shape)
+    seconds = time.perf_counter() - start
+    if stats is not None:
+        stats.update(images=images, seconds=seconds, shape=shape)
+    return images / seconds
 
 
 def _pil_imagefolder(root: str, crop_size: int, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
@@ -87,9 +92,11 @@ def loader_rate(
     batches: int,
     ffcv_dir: Optional[str] = None,
     accelerator: Literal["cpu", "gpu"] = "cpu",
+    stats: Optional[dict] = None,
 ) -> float:
     """Images/s of one backend's training loader alone (see bench_data); on `gpu` DALI decodes with nvJPEG
-    (`data.dali_device gpu`, what training on a GPU uses) and every batch is copied to the GPU and normalised there."""
+    (`data.dali_device gpu`, what training on a GPU uses) and every batch is copied to the GPU and normalised there.
+    `stats`: filled as `_time_batches` does."""
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
 
     def on_device(batch):  # what Lightning's batch transfer does (pinned host batches: asynchronous copies)
@@ -100,14 +107,15 @@ def loader_rate(
 
     if backend == "pil":
         loader = _pil_imagefolder(root, crop_size, batch_size, num_workers)
-        return _time_batches(loader, warmup_batches, batches, on_device)
+        return _time_batches(loader, warmup_batches, batches, on_device, stats)
     dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
                             backend=backend, ffcv_dir=ffcv_dir, dali_device="gpu" if device.type == "cuda" else "cpu")
     if device.type == "cuda":  # the loaders' target device, as in training: FFCV then copies with its own ToDevice
         dm.trainer = pl.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
     dm.setup("fit")
-    return _time_batches(dm.train_dataloader(), warmup_batches, batches, lambda b: dm.on_after_batch_transfer(on_device(b), 0))
+    return _time_batches(dm.train_dataloader(), warmup_batches, batches,
+                         lambda b: dm.on_after_batch_transfer(on_device(b), 0), stats)
 
 
 def bench_data(
@@ -136,6 +144,9 @@ def bench_data(
         accelerator: `gpu`: each batch is copied to the GPU and normalised there, as in training (the copy
             and the normalisation are timed), and DALI decodes on the GPU; `cpu`: normalised in this process,
             DALI's CPU pipeline.
+
+    Returns:
+        One row per backend: backend, images_per_sec, images and seconds timed, shape (N, C, H, W) of a batch.
     """
     if root is None:
         root = str(write_bench_dataset((warmup_batches + batches + 1) * batch_size // 6 + 1, 1))
@@ -143,9 +154,13 @@ def bench_data(
         ensure_ffcv(root)
     rows = []
     for backend in backends:
+        timed: dict = {}
         rate = loader_rate(root, backend, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
-                           warmup_batches=warmup_batches, batches=batches, ffcv_dir=ffcv_dir, accelerator=accelerator)
-        rows.append({"backend": backend, "images_per_sec": rate})
+                           warmup_batches=warmup_batches, batches=batches, ffcv_dir=ffcv_dir, accelerator=accelerator,
+                           stats=timed)
+        if timed["images"] < batches * batch_size:  # a set too small for the batches asked: say so in the row
+            console().print(f"[{backend}] only {timed['images']} images after the warm-up, not {batches * batch_size}")
+        rows.append({"backend": backend, "images_per_sec": rate, **timed})
     table = Table(title=f"Loader throughput: RandomResizedCrop {crop_size} + flip + normalise, batch {batch_size}, "
                         f"{num_workers} workers, {_device_name(accelerator)}")
     table.add_column("backend")
