@@ -4,8 +4,8 @@ manifest of its usable samples (datamodules/manifest.py).
 
 Kinds reported: `empty`, `truncated` and `corrupt` files (left out of the manifest: no backend reads them);
 images that are not 8-bit RGB (CMYK, gray, palette, alpha, 16-bit: every backend converts them); content that
-differs from the extension (a PNG named .JPEG: read by content); hidden and OS files and folders, and other files
-(never samples); empty classes; val classes absent from train; byte-identical files in train and val (leakage);
+differs from the extension (a PNG named .JPEG: read by content); hidden and OS files and folders, other files and
+symbolic links whose target is gone (never samples); empty classes; val classes absent from train; byte-identical files in train and val (leakage);
 and the counts against ILSVRC2012's."""
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ KINDS = {
     "extension": "used, read by content: it differs from the extension",
     "hidden": "ignored: hidden or operating-system file or folder",
     "other": "ignored: not an image file (.JPEG/.jpg/.png) or a folder inside a class",
+    "dangling": "ignored: a symbolic link whose target is missing (a moved copy, an unmounted file system)",
     "empty_class": "class folder without images: training and validation refuse it",
     "val_only_class": "val class absent from train: validation refuses it",
     "leak": "byte-identical in train and val: validation accuracy counts a training image",
@@ -124,6 +125,8 @@ def _walk(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, list[s
             rel = f"{split}/{entry.name}"
             if is_hidden(entry.name):
                 problems["hidden"].append(rel + ("/" if entry.is_dir() else ""))
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                problems["dangling"].append(f"{rel} -> {os.readlink(entry.path)}")
             elif not entry.is_dir():
                 problems["other"].append(rel)  # a stray file beside the class folders: never a sample
             else:
@@ -132,6 +135,8 @@ def _walk(root: Path) -> tuple[list[str], dict[str, list[str]], dict[str, list[s
                 for sub in sorted(os.scandir(entry.path), key=lambda e: e.name):
                     if is_hidden(sub.name):
                         problems["hidden"].append(f"{rel}/{sub.name}" + ("/" if sub.is_dir() else ""))
+                    elif sub.is_symlink() and not os.path.exists(sub.path):
+                        problems["dangling"].append(f"{rel}/{sub.name} -> {os.readlink(sub.path)}")
                     elif sub.is_file() and sub.name.lower().endswith(IMAGE_EXTENSIONS):
                         images[split].append(f"{entry.name}/{sub.name}")
                         found += 1

@@ -121,6 +121,22 @@ def test_a_read_only_root_gets_its_manifest_in_the_cache(odd, tmp_path, monkeypa
     assert find_manifest(copy).path == Path(out["manifest"])
 
 
+def test_a_dangling_symbolic_link_is_named_with_its_target(demo_copy, tmp_path):
+    from datamodules.dataset_check import check_dataset
+
+    c = sorted(os.listdir(demo_copy / "train"))[0]
+    os.symlink(tmp_path / "moved" / "a.JPEG", demo_copy / "train" / c / "moved_away.JPEG")  # a copy that moved
+    os.symlink(tmp_path / "moved" / "n0", demo_copy / "val" / "n0")  # a class folder likewise
+    check_dataset(str(demo_copy), workers=1)
+    report = (demo_copy / ".resnet-manifest.report.txt").read_text()
+    by_kind = sections(report)
+    assert f"train/{c}/moved_away.JPEG -> {tmp_path}/moved/a.JPEG" in by_kind["dangling"], report
+    assert f"val/n0 -> {tmp_path}/moved/n0" in by_kind["dangling"] and "moved_away" not in by_kind.get("other", "")
+    classes = find_classes(demo_copy / "train")
+    samples = scan_split(demo_copy / "train", {k: i for i, k in enumerate(classes)})
+    assert len(samples) == 72 and not any("moved_away" in path for path, _ in samples)  # never a sample
+
+
 class _Rank:
     def __init__(self, rank: int, world: int = 1, run_dir: str | None = None):
         self.global_rank, self.world_size = rank, world
