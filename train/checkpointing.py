@@ -61,7 +61,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class BestAndLastCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose `last.ckpt` is the latest epoch. Since Lightning 2.6, `save_last=True` writes
     last.ckpt only when a top-k checkpoint is saved at the same step: with `monitor=val/acc1, save_top_k=1`, an
-    epoch that does not improve val/acc1 leaves last.ckpt behind, and `--ckpt_path last` would silently drop it."""
+    epoch that does not improve val/acc1 leaves last.ckpt behind, and `--ckpt_path last` would silently drop it.
+
+    It calls ModelCheckpoint's private helpers (when to save, whether this step saved, how last.ckpt is written),
+    kept in step with Lightning 2.6. Two public ModelCheckpoints (best by val/acc1, and latest with no monitor) would
+    do the same, but change the callback state key that checkpoints of running jobs hold: their best-model record
+    (best_model_score) would be dropped on resume and best.ckpt overwritten by a worse epoch."""
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
