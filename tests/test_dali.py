@@ -116,47 +116,6 @@ def test_train_crops_cover_the_configured_area_and_ratio_and_flip_half(coordinat
     assert not crop_windows(torch.cat(read_pass(unflipped)[0]))[2].any()
 
 
-def test_two_ranks_read_each_validation_image_once_in_equal_batch_counts(demo_root):
-    # 29 images (odd; not a multiple of the batch): label = index identifies each image.
-    samples = [(path, i) for i, (path, _) in enumerate(split(demo_root, "val")[:29])]
-    single = dali.val_loader(make_spec(samples, batch_size=4), device="cpu")
-    by_label = {int(y): x for xs, ys in zip(*read_pass(single)) for x, y in zip(xs, ys)}
-    loaders = [dali.val_loader(make_spec(samples, rank=r, world_size=2, batch_size=4), device="cpu") for r in (0, 1)]
-    assert len(loaders[0]) == len(loaders[1]) == 4  # shards of 15 and 14 in batches of 4
-    for loader in loaders:  # Lightning's sanity check: two batches, then the iterator is dropped mid-pass
-        it = iter(loader)
-        next(it), next(it)
-    for _ in range(2):  # then whole passes, every epoch
-        seen = []
-        for loader in loaders:
-            images, labels = read_pass(loader)
-            assert len(images) == len(loader)
-            for x, y in zip(torch.cat(images), torch.cat(labels).tolist()):
-                assert torch.equal(x, by_label[y])  # the same crop whatever the rank
-                seen.append(y)
-        assert sorted(seen) == list(range(29))
-
-
-def test_two_ranks_train_on_disjoint_equal_shards_in_a_new_order_each_epoch(demo_root):
-    samples = [(path, i) for i, (path, _) in enumerate(split(demo_root, "train")[:71])]
-    loaders = [dali.train_loader(make_spec(samples, rank=r, world_size=2, batch_size=8), device="cpu") for r in (0, 1)]
-    assert len(loaders[0]) == len(loaders[1]) == 4  # 35 images per rank: 4 full batches, the partial one dropped
-    orders: dict[tuple[int, int], list[int]] = {}
-    for epoch in (0, 1):
-        for rank, loader in enumerate(loaders):
-            loader.sampler.set_epoch(epoch)
-            images, labels = read_pass(loader)
-            assert len(images) == 4 and all(len(y) == 8 for y in labels)
-            orders[rank, epoch] = torch.cat(labels).tolist()
-        assert not set(orders[0, epoch]) & set(orders[1, epoch])
-        assert len(set(orders[0, epoch])) == len(set(orders[1, epoch])) == 32
-    assert orders[0, 0] != orders[0, 1] and orders[1, 0] != orders[1, 1]
-    again = dali.train_loader(make_spec(samples, rank=1, world_size=2, batch_size=8), device="cpu")
-    batches = iter(again)  # Lightning's first epoch: iter() first, then set_epoch(), then the batches
-    again.sampler.set_epoch(1)
-    assert torch.cat([y for _, y in batches]).tolist() == orders[1, 1]  # seeded: a restart sees the same order
-
-
 class _Rank:
     """The trainer attributes a DataModule reads: `rank` of 2 on the CPU."""
 

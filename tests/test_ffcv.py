@@ -290,36 +290,6 @@ def test_a_decoding_thread_that_dies_ends_the_pass_with_an_error(betons, demo_ro
     assert len(epoch(loader)[1]) == 30  # the next pass reads every image
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_val_shards_cover_each_image_once_with_equal_batch_counts(betons, demo_root, world):
-    # 30 images: 15 per rank on 2 (not a multiple of batch 4), 8/8/7/7 on 4 (not a multiple of the world).
-    whole, _ = epoch(val_loader(spec(demo_root, "val"), betons[0] / "val.beton"))
-    loaders = [val_loader(spec(demo_root, "val", rank, world), betons[0] / "val.beton") for rank in range(world)]
-    assert len({len(loader) for loader in loaders}) == 1  # DDP needs the same number of batches on every rank
-    for rank, loader in enumerate(loaders):
-        batches = [x.clone() for x, _ in loader]
-        assert len(batches) == len(loader)
-        assert torch.equal(torch.cat(batches), whole[rank::world])  # images rank, rank + world, ...: once each
-
-
-def test_train_shards_disjoint_equal_steps_new_order_each_epoch(betons, demo_root):
-    labels = np.array([label for _, label in samples(demo_root, "train")])
-    loaders = [train_loader(spec(demo_root, "train", rank, 2), betons[0] / "train.beton") for rank in (0, 1)]
-    assert [len(loader) for loader in loaders] == [9, 9]  # 72 images / 2 ranks / batch 4
-    orders = [[loader.traversal_order.sample_order(e) for e in (0, 1)] for loader in loaders]
-    for e in (0, 1):  # the ranks split each epoch: disjoint, together the whole set
-        assert sorted(np.concatenate([orders[0][e], orders[1][e]]).tolist()) == list(range(72))
-    assert not np.array_equal(orders[0][0], orders[0][1])  # reshuffled each epoch
-    # The torchvision backend's order: the same images in the same batches on each rank.
-    torchvision_order = torch.utils.data.DistributedSampler(range(72), 2, 1, shuffle=True, seed=0)
-    torchvision_order.set_epoch(1)
-    assert orders[1][1].tolist() == list(torchvision_order)
-    first, second = epoch(loaders[0])[1], epoch(loaders[0])[1]  # two iterations: epochs 0 and 1
-    assert first.tolist() == labels[orders[0][0]].tolist() and second.tolist() == labels[orders[0][1]].tolist()
-    loaders[0].sampler.set_epoch(0)  # what Lightning calls each epoch, and after a resume
-    assert epoch(loaders[0])[1].tolist() == first.tolist()
-
-
 def test_train_crops_layout_and_flips(tmp_path):
     # Left-to-right ramps: a mirrored crop is the only way to get a bright left edge.
     for c in ("a", "b"):
