@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from datamodules.imagenet import ImageNetDataModule
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BACKENDS = ["torchvision", "dali", "ffcv"]
 
@@ -105,3 +106,20 @@ def test_training_shards_are_disjoint_equal_and_reshuffled_each_epoch(backend, d
     batches = iter(again)
     set_epoch(again, 1)
     assert torch.cat([y.clone() for _, y in batches]).tolist() == labels[1, 1].tolist()
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_validation_crops_and_labels_are_the_torchvision_backends(backend, data):
+    reference, labels = read(datamodule("torchvision", data).val_dataloader())
+    assert reference.dtype == torch.uint8 and reference.shape == (30, 3, 32, 32)
+    images, backend_labels = read(datamodule(backend, data).val_dataloader())
+    assert backend_labels.tolist() == labels.tolist() and backend_labels.dtype == torch.int64
+    assert images.shape == (30, 3, 32, 32) and images.is_contiguous(memory_format=torch.channels_last)
+    if backend == "ffcv":  # uint8 like torchvision's (normalised on the device); raw storage: the same pixels
+        assert images.dtype == torch.uint8 and torch.equal(images, reference)
+    else:  # DALI hands out float, already normalised: back to 0-255. Its antialiased resize rounds apart
+        # (measured on the demo JPEGs: mean 0.10, max 1.0 of 255; a one-pixel shift of the window gives 2-17).
+        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+        diff = (images.double() * std.double() + mean.double() - reference.double()).abs()
+        assert images.dtype == torch.float32 and diff.mean() < 0.25 and diff.max() < 1.5, (diff.mean(), diff.max())
