@@ -64,3 +64,15 @@ def test_model_with_mixing_and_blurpool_trains_on_soft_targets():
     assert torch.isfinite(loss) and model.net.fc.weight.grad is not None
     with pytest.raises(ValueError, match="model.optimizer='adam'"):
         ImageNetClassifier(arch="resnet18", optimizer="adam")
+
+
+def test_the_class_count_is_the_last_linear_layers_wherever_it_sits():
+    from torch import nn
+
+    from train.networks import ARCHS, num_outputs
+
+    assert ARCHS == ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    assert num_outputs(build_resnet("resnet18", 6)) == 6
+    assert num_outputs(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 5), nn.Linear(5, 7))) == 7
+    with pytest.raises(ValueError, match="Sequential: no Linear classifier"):
+        num_outputs(nn.Sequential(nn.Conv2d(3, 8, 3)))

@@ -25,6 +25,7 @@ from datamodules.evaluation import EvalDataModule, ViewBatch
 from datamodules.transforms import PAPER_SCALES, EvalViews, Protocol, normalize_batch
 from train.callbacks import git_commit
 from train.results import console as results_console, save_result, topk_accuracy
+from train.networks import num_outputs
 from train.weights import LoadedModel, load_checkpoint, load_weights
 from train.wandb_logging import log_evaluation, log_safely, run_dir_of, wanted
 
@@ -45,7 +46,7 @@ class ViewAveraging(pl.LightningModule):
         self.net = net.eval()
         self.channels_last = channels_last
         self.max_pixels_per_forward = max_pixels_per_forward
-        self.num_classes = net.fc.out_features
+        self.num_classes = num_outputs(net)
         self.result: Optional[dict[str, torch.Tensor]] = None
         self.images_per_sec = float("nan")
 

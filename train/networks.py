@@ -4,14 +4,29 @@ head that computes in float32 under autocast. State-dict keys stay torchvision's
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
 
+# The networks by name: the one list training, weights loading and evaluation take.
 Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+ARCHS: tuple[str, ...] = get_args(Arch)
+
+
+def num_outputs(net: nn.Module) -> int:
+    """The classes a network scores: its last Linear layer's outputs (torchvision's `fc`, wherever a variant puts
+    its classifier).
+
+    Raises:
+        ValueError: a network without a Linear layer.
+    """
+    linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(net).__name__}: no Linear classifier to count the classes of")
+    return linears[-1].out_features
 
 
 class Float32Head(nn.Linear):

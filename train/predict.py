@@ -16,6 +16,7 @@ import yaml
 from datamodules.folder import IMAGE_EXTENSIONS, CorruptImageError, decode, is_hidden
 from datamodules.transforms import normalize_batch, val_transform
 from train.results import console
+from train.networks import num_outputs
 from train.weights import LoadedModel, load_checkpoint, load_weights
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def image_paths(inputs: list[str]) -> list[str]:
     return paths
 
 
-def class_names(classes: Optional[list[str]], num_outputs: int, synsets: Optional[str],
+def class_names(classes: Optional[list[str]], outputs: int, synsets: Optional[str],
                 data_root: Optional[str]) -> tuple[list[str], list[str]]:
     """(class id, readable name) per output. Ids: the checkpoint's classes, else the sorted WordNet ids of a synsets
     file with one line per output, else data_root/train's sorted class folders, else the output index. Names: from
@@ -67,15 +68,15 @@ def class_names(classes: Optional[list[str]], num_outputs: int, synsets: Optiona
             mapping = {w: n.strip() for w, n in (line.split(" ", 1) for line in path.read_text().splitlines() if " " in line)}
             break
     ids = classes
-    if ids is None and len(mapping) == num_outputs:  # LOC_synset_mapping.txt: the 1,000 WordNet ids, sorted
+    if ids is None and len(mapping) == outputs:  # LOC_synset_mapping.txt: the 1,000 WordNet ids, sorted
         ids = sorted(mapping)
     if ids is None and data_root and (Path(data_root) / "train").is_dir():
         found = sorted(e.name for e in os.scandir(Path(data_root) / "train") if e.is_dir() and not is_hidden(e.name))
-        ids = found if len(found) == num_outputs else None
+        ids = found if len(found) == outputs else None
     if mapping and ids is not None:
         return ids, [mapping.get(i, i) for i in ids]
-    ids = ids or [str(i) for i in range(num_outputs)]
-    if num_outputs == 1000 and (classes is None or classes == sorted(classes)):
+    ids = ids or [str(i) for i in range(outputs)]
+    if outputs == 1000 and (classes is None or classes == sorted(classes)):
         from torchvision.models import ResNet50_Weights
 
         return ids, list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])  # in the order of the sorted WordNet ids
@@ -150,9 +151,9 @@ def predict(
     transform = val_transform(crop_size=crop_size or crop, resize_size=resize_size or resize)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     net = loaded.net.to(dev).eval()
-    num_outputs = net.fc.out_features
-    ids, names = class_names(loaded.classes, num_outputs, synsets, data_root)
-    k = min(top_k, num_outputs)
+    outputs = num_outputs(net)
+    ids, names = class_names(loaded.classes, outputs, synsets, data_root)
+    k = min(top_k, outputs)
     rows: list[dict] = []
     for start in range(0, len(paths), batch_size):
         images, kept = [], []

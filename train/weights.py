@@ -11,9 +11,8 @@ import torch
 import torchvision
 from torch import nn
 
-from train.networks import build_resnet
+from train.networks import ARCHS, build_resnet
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Residual blocks per stage and block type of each depth (He et al. 2015, Table 1).
 _LAYOUTS = {
     ((2, 2, 2, 2), False): "resnet18",
