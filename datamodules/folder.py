@@ -226,14 +226,14 @@ class ImageFolderDataset(Dataset):
             return transform(image), label
 
 
-class _OrderBatches(Sampler[list[tuple[int, ...]]]):
-    """Batches of (index, epoch[, copy]) keys of one pass over an EpochOrder; `sampler` is where Lightning's
+class _OrderBatches(Sampler[list[tuple[int, int, int]]]):
+    """Batches of (index, epoch, copy) keys of one pass over an EpochOrder; `sampler` is where Lightning's
     `_set_sampler_epoch` finds `set_epoch` (it looks at `loader.batch_sampler.sampler`)."""
 
     def __init__(self, order: EpochOrder):
         self.order = self.sampler = order
 
-    def __iter__(self) -> Iterator[list[tuple[int, ...]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         # A generator: the pass begins at the first batch drawn (a DataLoader iterator calls iter() on its batch
         # sampler twice as it starts, and the first one is never read).
         yield from self.order.batches(self.order.begin_pass())

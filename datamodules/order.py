@@ -194,14 +194,10 @@ class EpochOrder:
         return TrainPosition(self._pass_epoch, self._pass_start + self._read * self.batch_size * self.world_size,
                              self.world_size, self.batch_size, self.repeats)
 
-    def batches(self, indices: np.ndarray) -> Iterator[list[tuple[int, ...]]]:
-        """Keys in batches: the dataset draws each sample's augmentation from them. (index, epoch); with repeated
-        augmentation (index, epoch, copy) for the pass `begin_pass` returned `indices` of."""
+    def batches(self, indices: np.ndarray) -> Iterator[list[tuple[int, int, int]]]:
+        """(index, epoch, copy) keys in batches, for the pass `begin_pass` returned `indices` of: the dataset draws
+        each sample's augmentation from them (copy 0 without repeated augmentation)."""
         epoch = self._pass_epoch
-        if self.repeats == 1:
-            for i in range(0, len(indices), self.batch_size):
-                yield [(int(k), epoch) for k in indices[i : i + self.batch_size]]
-            return
         assert len(indices) == len(self._pass_repeats), "batches() takes the indices begin_pass() returned"
         for i in range(0, len(indices), self.batch_size):
             batch = slice(i, i + self.batch_size)

@@ -83,15 +83,13 @@ def class_names(classes: Optional[list[str]], outputs: int, synsets: Optional[st
     return ids, ids
 
 
-def _checkpoint_settings(ckpt: Optional[str], loaded: LoadedModel) -> tuple[int, int, Optional[str], bool]:
-    """(crop, resize, data root, flip averaging) of the training run's validation, or torchvision's 224 / 256 (232
-    for its V2 weights), no flip."""
-    if ckpt:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)  # mapped: tensors not read
-        config = yaml.safe_load(state.get("config") or "{}") or {}
-        data = config.get("data", {})
+def _checkpoint_settings(loaded: LoadedModel) -> tuple[int, int, Optional[str], bool]:
+    """(crop, resize, data root, flip averaging) of the training run's validation (a checkpoint), or torchvision's
+    224 / 256 (232 for its V2 weights), no flip."""
+    if loaded.config:
+        data = (yaml.safe_load(loaded.config) or {}).get("data", {})
         crop = data.get("val_crop_size") or data.get("crop_size") or 224
-        flip = bool(state.get("hyper_parameters", {}).get("val_flip_average", False))
+        flip = bool(loaded.hparams.get("val_flip_average", False))
         return crop, data.get("val_resize_size") or round(crop / 0.875), data.get("root"), flip
     return 224, loaded.resize_size or 256, None, False
 
@@ -147,7 +145,7 @@ def predict(
         raise ValueError("--device cuda: no CUDA GPU here (--device auto uses one when there is one)")
     paths = image_paths(inputs)
     loaded = load_checkpoint(ckpt) if ckpt else load_weights(weights)
-    crop, resize, data_root, flip = _checkpoint_settings(ckpt, loaded)
+    crop, resize, data_root, flip = _checkpoint_settings(loaded)
     transform = val_transform(crop_size=crop_size or crop, resize_size=resize_size or resize)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     net = loaded.net.to(dev).eval()

@@ -32,6 +32,8 @@ class LoadedModel:
     resize_size: Optional[int] = None  # the resize of the weights' published number (torchvision V2 R50: 232)
     published: dict = field(default_factory=dict)  # the weights' published single-crop acc@1/acc@5
     wandb_run: dict = field(default_factory=dict)  # the W&B run that trained it (id, project, entity), if any
+    hparams: dict = field(default_factory=dict)  # a checkpoint's model hyperparameters
+    config: str = ""  # a checkpoint's resolved training config (YAML)
 
 
 def infer_arch(state: dict[str, torch.Tensor]) -> str:
@@ -77,7 +79,8 @@ def load_checkpoint(path: str) -> LoadedModel:
     classes = ckpt.get("ImageNetDataModule", {}).get("classes")  # absent from checkpoints of older versions
     run = Path(path).resolve().parent
     run = run.parent if run.name == "checkpoints" else run  # <run dir>/checkpoints/best.ckpt -> "<run dir>/best"
-    return LoadedModel(net, hp["arch"], f"{hp['arch']} {run.name}/{Path(path).stem}", classes or None, wandb_run=ckpt.get("wandb_run") or {})
+    return LoadedModel(net, hp["arch"], f"{hp['arch']} {run.name}/{Path(path).stem}", classes or None,
+                       wandb_run=ckpt.get("wandb_run") or {}, hparams=dict(hp), config=ckpt.get("config") or "")
 
 
 def load_weights(spec: str) -> LoadedModel:
