@@ -28,15 +28,18 @@ def test_top_k_are_the_networks_softmax_with_the_datas_names(checkpoint, demo_ro
     images = tmp_path / "images"
     shutil.copytree(demo_root / "val" / "n90000002", images / "a")
     (images / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    (images / "a" / "moved.JPEG").symlink_to(tmp_path / "gone.JPEG")  # a dangling link: named, not skipped
     (images / "list.txt").write_text("a/ILSVRC2012_val_00000007.JPEG\n")
     out = tmp_path / "pred.csv"
     proc = run_resnet("predict", "--ckpt", str(checkpoint), str(images / "a"), str(images / "list.txt"),
                       "--output", str(out), "--top-k", "3")
     assert f"Predictions: {out}" in proc.stdout
     rows = list(csv.DictReader(out.open()))
-    jpegs = sorted((images / "a").glob("*.JPEG"))
+    jpegs = sorted(p for p in (images / "a").glob("*.JPEG") if p.exists())
     assert len(jpegs) == 5
-    assert [r["error"] != "" for r in rows].count(True) == 1  # broken.jpg: named, not predicted
+    assert sorted(r["path"].rsplit("/", 1)[1] for r in rows if r["error"]) == ["broken.jpg", "moved.JPEG"]
+    # One stdout line an image (8: 6 predicted, 2 unreadable), however long: scripts read them.
+    assert len([line for line in proc.stdout.splitlines() if line.startswith(str(images))]) == 8
     assert len([r for r in rows if not r["error"]]) == 3 * (5 + 1)  # the listed image once more
     synsets = dict(line.split(" ", 1) for line in (demo_root / "synsets.txt").read_text().splitlines())
 
@@ -59,7 +62,7 @@ def test_top_k_are_the_networks_softmax_with_the_datas_names(checkpoint, demo_ro
     assert one["top"][0]["probability"] == pytest.approx(expected.values[0].item(), abs=1e-6)
 
 
-def test_bad_input_names_the_cause(checkpoint, tmp_path):
+def test_bad_input_names_the_cause(checkpoint, demo_root, tmp_path):
     proc = run_resnet("predict", str(tmp_path / "nowhere"), "--ckpt", str(checkpoint), expect_rc=2)
     assert f"resnet predict: error: {tmp_path}/nowhere: no such file or folder" in proc.stderr
     proc = run_resnet("predict", str(tmp_path), "--ckpt", str(checkpoint), "--weights", "x.pth", expect_rc=2)
@@ -69,6 +72,14 @@ def test_bad_input_names_the_cause(checkpoint, tmp_path):
     assert "no images (.jpeg, .jpg, .png) to predict" in proc.stderr
     proc = run_resnet("predict", str(tmp_path), "--ckpt", str(checkpoint), "--output", "p.txt", expect_rc=2)
     assert "--output p.txt: expected a .csv or .json file" in proc.stderr
+    (tmp_path / "taken.csv").mkdir()
+    proc = run_resnet("predict", str(tmp_path), "--ckpt", str(checkpoint), "--output", str(tmp_path / "taken.csv"),
+                      expect_rc=2)
+    assert "taken.csv: a folder; name the .csv or .json file to write" in proc.stderr
+    (tmp_path / "junk.txt").write_text("garbage\n")
+    proc = run_resnet("predict", str(demo_root / "val"), "--ckpt", str(checkpoint), "--synsets",
+                      str(tmp_path / "junk.txt"), expect_rc=2)
+    assert "junk.txt: names none of the model's classes (e.g. n90000001)" in proc.stderr
 
 
 def test_a_state_dict_gets_its_names_from_the_synsets_file(checkpoint, demo_root, tmp_path):

@@ -211,7 +211,9 @@ def main(args: Optional[list[str]] = None) -> None:
         print(f"resnet: error: no command {argv[0]!r}\n\n{overview()}", file=sys.stderr)
         raise SystemExit(2)
     try:
-        build_cli(argv)
+        if args is None:  # the command line itself, respelled: Lightning's DDP launcher re-runs sys.argv
+            sys.argv[1:] = argv
+        build_cli(None if args is None else argv)
     except (Requeued, Preempted) as saved:  # saved on a job signal (or nothing yet to save): this life ends here
         ignore_job_signals()
         close_process_group()

@@ -36,7 +36,9 @@ def image_paths(inputs: list[str]) -> list[str]:
         if not p.exists():
             raise FileNotFoundError(f"{item}: no such file or folder")
         if p.is_dir():
-            paths += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+            # A dangling link named .JPEG is listed too: its read fails and its row says so.
+            paths += sorted(str(f) for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS
+                            and (f.is_file() or f.is_symlink())
                             and not any(is_hidden(part) for part in f.relative_to(p).parts))
         elif p.suffix.lower() == ".txt":
             listed = [line.strip() for line in p.read_text().splitlines() if line.strip()]
@@ -73,6 +75,9 @@ def class_names(classes: Optional[list[str]], outputs: int, synsets: Optional[st
     if ids is None and data_root and (Path(data_root) / "train").is_dir():
         found = sorted(e.name for e in os.scandir(Path(data_root) / "train") if e.is_dir() and not is_hidden(e.name))
         ids = found if len(found) == outputs else None
+    if synsets and ids is not None and not set(ids) & set(mapping):
+        raise ValueError(f"--synsets {synsets}: names none of the model's classes (e.g. {ids[0]}); expected "
+                         "'wnid name' lines")
     if mapping and ids is not None:
         return ids, [mapping.get(i, i) for i in ids]
     ids = ids or [str(i) for i in range(outputs)]
@@ -139,6 +144,8 @@ def predict(
         raise ValueError(f"--top_k {top_k}: expected at least 1")
     if output and Path(output).suffix not in (".csv", ".json"):
         raise ValueError(f"--output {output}: expected a .csv or .json file")
+    if output and Path(output).is_dir():
+        raise ValueError(f"--output {output}: a folder; name the .csv or .json file to write")
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device {device}: expected auto, cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -183,12 +190,12 @@ def predict(
 
 
 def _show(rows: list[dict]) -> None:
+    """One line an image, never wrapped: scripts read it."""
     for r in rows:
         if "error" in r:
-            console().print(f"{r['path']}: [red]unreadable[/red] ({r['error']})", markup=True, highlight=False)
+            print(f"{r['path']}: unreadable ({r['error']})")
         else:
-            best = ", ".join(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top"])
-            console().print(f"{r['path']}: {best}", markup=False, highlight=False)
+            print(f"{r['path']}: " + ", ".join(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top"]))
 
 
 def _write(rows: list[dict], out: Path) -> None:
