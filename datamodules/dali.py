@@ -54,9 +54,9 @@ def _device_id(spec: LoaderSpec, device: str) -> Optional[int]:
     if device == "cpu":
         return None
     if device != "gpu":
-        raise ValueError(f"data.dali_device={device!r}: expected auto, cpu or gpu")
+        raise ValueError(f"data.dali.device={device!r}: expected auto, cpu or gpu")
     if not torch.cuda.is_available():
-        raise ValueError("data.dali_device=gpu needs a CUDA GPU and none is visible: use data.dali_device cpu or auto")
+        raise ValueError("data.dali.device=gpu needs a CUDA GPU and none is visible: use data.dali.device cpu or auto")
     if spec.device.type == "cuda" and spec.device.index is not None:
         return spec.device.index
     return torch.cuda.current_device()
@@ -135,7 +135,7 @@ class DaliLoader:
         """
         Args:
             spec: this rank's view of the split and the augmentation settings.
-            device: `cpu` or `gpu` (`data.dali_device`).
+            device: `cpu` or `gpu` (`data.dali.device`).
             train: shuffled, equal-size shards of full batches; else this rank's strided shard, once.
         """
         self.spec, self.device, self.train = spec, device, train

@@ -284,7 +284,7 @@ def train_loader(
     beton = Path(beton)
     check_beton(beton, spec.samples)
     if order == "quasi_random" and spec.world_size > 1:
-        raise ValueError(f"data.ffcv_order=quasi_random: FFCV has it for one process only, not {spec.world_size}")
+        raise ValueError(f"data.ffcv.order=quasi_random: FFCV has it for one process only, not {spec.world_size}")
     decoder = RandomResizedCropRGBImageDecoder((spec.crop_size, spec.crop_size), tuple(spec.scale), tuple(spec.ratio))
     return EpochLoader(
         str(beton), batch_size=spec.batch_size, num_workers=max(1, spec.num_workers), os_cache=os_cache,

@@ -103,7 +103,7 @@ def prepare_ffcv(
 
     Args:
         root: folder holding `train/<wnid>/*.JPEG` and `val/<wnid>/*.JPEG`.
-        dst: output folder; None = `<root>/ffcv` (the DataModule's default `data.ffcv_dir`).
+        dst: output folder; None = `<root>/ffcv` (the DataModule's default `data.ffcv.dir`).
         max_resolution: longer image side stored at most (larger images are shrunk, INTER_AREA).
         jpeg_quality: quality of the images stored re-compressed.
         compress_probability: fraction of images stored as JPEG, the rest as raw pixels (faster to decode,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import socket
@@ -12,13 +11,12 @@ from typing import Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
 
-from datamodules.loaders import (EvalShardBatchSampler, LoaderSpec, default_num_workers, init_loader_worker,
-                                 per_device_batch_size, trainer_world)
+from datamodules.backends import BACKENDS, BackendName, DaliOptions, FfcvOptions, LoaderBackend
+from datamodules.loaders import EvalShardBatchSampler, LoaderSpec, default_num_workers, per_device_batch_size, trainer_world
 from datamodules.order import EpochOrder, TrainPosition
-from datamodules.folder import DatasetLayoutError, ImageFolderDataset, SkippedImages, TrainLoader, WorkerSafeLoader
-from datamodules.samples import gather_objects, load_samples, sample_fingerprint, without_formats_dali_lacks
+from datamodules.folder import DatasetLayoutError, ImageFolderDataset, SkippedImages
+from datamodules.samples import load_samples, sample_fingerprint
 from datamodules.transforms import (IMAGENET_MEAN, IMAGENET_STD, EpochTransform, ProgressiveResizing, normalize_batch,
                                     train_transform, val_transform)
 
@@ -46,11 +44,9 @@ class ImageNetDataModule(pl.LightningDataModule):
         max_corrupt_train_images: int = 16,
         pin_memory: bool = True,
         seed: int = 0,
-        backend: Literal["torchvision", "dali", "ffcv"] = "torchvision",
-        dali_device: Literal["auto", "cpu", "gpu"] = "auto",
-        ffcv_dir: Optional[str] = None,
-        ffcv_order: Literal["random", "quasi_random"] = "random",
-        ffcv_os_cache: bool = True,
+        backend: BackendName = "torchvision",
+        dali: DaliOptions = DaliOptions(),
+        ffcv: FfcvOptions = FfcvOptions(),
         manifest: Optional[str] = None,
         stage_dir: Optional[str] = None,
     ):
@@ -87,14 +83,11 @@ class ImageNetDataModule(pl.LightningDataModule):
             seed: seed of the training shuffle (same on every rank, reshuffled each epoch) and, in the torchvision
                 backend, of each image's augmentation: a function of (seed, epoch, image index), the same with any
                 number of loader workers or ranks and after a resume.
-            backend: the loader: `torchvision` (DataLoader, the reference), `dali` (NVIDIA DALI) or `ffcv`
-                (.beton files written by `resnet prepare ffcv`); same crops, labels and sharding.
-            dali_device: `gpu` decodes with nvJPEG and augments on the GPU, `cpu` runs the same pipeline on
-                CPU threads; `auto` = gpu when the model runs on one.
-            ffcv_dir: folder with `train.beton` and `val.beton`; None = `<root>/ffcv`.
-            ffcv_order: training order: `random` (a full shuffle) or `quasi_random` (shuffles within
-                memory-sized chunks: for datasets larger than RAM; one process only).
-            ffcv_os_cache: let the OS page cache hold the .beton (fits in RAM) instead of FFCV's own reads.
+            backend: the loader, by its name in datamodules/backends: `torchvision` (DataLoader, the reference),
+                `dali` (NVIDIA DALI) or `ffcv` (.beton files written by `resnet prepare ffcv`); same crops, labels
+                and sharding.
+            dali: the DALI backend's options (`--data.dali.device gpu`; DaliOptions).
+            ffcv: the FFCV backend's options (`--data.ffcv.dir`, `.order`, `.os_cache`; FfcvOptions).
             manifest: the manifest `resnet prepare check` wrote; None = the valid one in its default places, if
                 any (datamodules/manifest.py), else the folders are listed (by rank 0, which sends the list).
             stage_dir: a node-local folder (NVMe scratch, `$TMPDIR`; variables expanded on each node) to copy what
@@ -106,22 +99,24 @@ class ImageNetDataModule(pl.LightningDataModule):
         if repeated_augmentation < 1:
             raise ValueError(f"data.repeated_augmentation={repeated_augmentation}: copies of each image in an epoch, "
                              "at least 1 (1 = off; 4 in torchvision's V2 recipe)")
-        if repeated_augmentation > 1 and backend == "ffcv" and ffcv_order == "quasi_random":
-            raise ValueError(f"data.repeated_augmentation={repeated_augmentation} with data.ffcv_order=quasi_random: "
-                             "FFCV's page-local order has no repeats; use ffcv_order random or repeated_augmentation 1")
         self.save_hyperparameters()
         self.root = Path(root)
+        if backend not in BACKENDS:  # the command line's schema (BackendName) checks it; Python callers get this
+            raise ValueError(f"data.backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+        kind = BACKENDS[backend]
+        options = self.hparams.get(backend) if kind.options is not None else None  # data.<backend>
+        if options is not None and not isinstance(options, kind.options):  # a dict from Python code or a checkpoint
+            options = kind.options(**options)
+        self.loaders: LoaderBackend = kind(self, options) if options is not None else kind(self)
+        self.loaders.check(dict(self.hparams))
         self.batch_size = batch_size
         self.classes: list[str] = []
         self.train_set: Optional[ImageFolderDataset] = None
         self.val_set: Optional[ImageFolderDataset] = None
         self.train_order: Optional[EpochOrder] = None  # made with the training loader
         self._resume_position: Optional[TrainPosition] = None  # from a checkpoint, until the loader exists
-        self._dali_train = None  # the DALI training loader: its pipeline state goes into checkpoints
-        self._resume_pipelines: dict = {}  # rank -> a DALI training pipeline state, from a checkpoint
         self._train_fingerprint: Optional[dict] = None  # of the training sample list (sample_fingerprint)
         self._sample_source = "folder scan"
-        self._ffcv_dir = Path(ffcv_dir or self.root / "ffcv")  # where the .beton files are read (a staged copy)
 
     @property
     def num_classes(self) -> int:
@@ -129,6 +124,11 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _world(self) -> tuple[int, int]:
         return trainer_world(self.trainer)
+
+    @property
+    def trainer_rank(self) -> int:
+        """This process's global rank (0 without a trainer)."""
+        return self._world()[0]
 
     @property
     def per_device_batch_size(self) -> int:
@@ -139,11 +139,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         from datamodules import staging
 
         hp = self.hparams
-        if hp.backend == "ffcv":
-            plan = staging.beton_plan(self._ffcv_dir, staging.stage_root(hp.stage_dir, self._ffcv_dir, "ffcv"),
-                                      ("train", "val") if stage == "fit" else ("val",))
-        else:
-            plan = staging.folder_plan(self.root, staging.stage_root(hp.stage_dir, self.root, "folders"), hp.manifest)
+        plan = self.loaders.stage_plan(self.root, stage, hp.stage_dir, hp.manifest)
         staged = staging.stage(plan, check=check)
         if check:
             print(staging.describe(staged, plan), flush=True)
@@ -167,10 +163,8 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.per_device_batch_size  # fail early on a batch that does not divide
         hp = self.hparams
         root, manifest = self.root, hp.manifest
-        if hp.stage_dir and hp.backend == "ffcv":
-            self._ffcv_dir = self._staged(stage, check=False)
-        elif hp.stage_dir:  # the copy carries the source's manifest over, if any
-            root, manifest = self._staged(stage, check=False), None
+        if hp.stage_dir:
+            root, manifest = self.loaders.use_staged(self._staged(stage, check=False), root, manifest)
         train_dir = root / "train"
         label_split = "train" if stage == "fit" or train_dir.is_dir() else "val"
         if label_split == "val":  # evaluation-only machines may hold val/ alone: its folders define the labels
@@ -185,20 +179,11 @@ class ImageNetDataModule(pl.LightningDataModule):
                 f"{' ...' if len(bad) > 10 else ''}; every one counts in the accuracy: restore them (e.g. "
                 f"`resnet prepare imagenet`) and rerun `resnet prepare check --root {self.root}`"
             )
-        if hp.backend == "dali":
-            found = without_formats_dali_lacks(found)
+        found = self.loaders.usable(found)
         if found.left_out.get("train"):
             bad = found.left_out["train"]
             log.warning("%d unreadable training images left out (%s): %s%s", len(bad), found.source,
                         ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")
-        if hp.backend != "torchvision" and (hp.train_augmentation != "random_resized_crop" or hp.lighting_std > 0
-                                            or hp.trivial_augment or hp.random_erasing > 0):
-            raise ValueError(
-                f"data.backend={hp.backend}: data.train_augmentation={hp.train_augmentation} / data.lighting_std="
-                f"{hp.lighting_std} / data.trivial_augment={hp.trivial_augment} / data.random_erasing="
-                f"{hp.random_erasing} exist in the torchvision backend only (use random_resized_crop, lighting_std 0, "
-                "no trivial_augment, random_erasing 0)"
-            )
         self._sample_source = found.source
         if stage == "fit":
             self._train_fingerprint = sample_fingerprint(found.splits["train"], root / "train")
@@ -220,7 +205,7 @@ class ImageNetDataModule(pl.LightningDataModule):
                 shard = -(-len(self.train_set) // world) // self.per_device_batch_size * self.per_device_batch_size
                 node, local = getattr(self.trainer, "node_rank", 0), getattr(self.trainer, "local_rank", 0)
                 host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-                where = self._ffcv_dir if hp.backend == "ffcv" else root
+                where = self.loaders.data_dir(root)
                 print(f"rank {rank}/{world} (node rank {node}, local rank {local}, host {host}): {shard} of "
                       f"{len(self.train_set)} training images an epoch, read from {where}", flush=True)
         if stage in ("fit", "validate"):
@@ -246,19 +231,6 @@ class ImageNetDataModule(pl.LightningDataModule):
             record.unlink(missing_ok=True)  # an earlier run's, e.g. one that stopped at the limit before a checkpoint
         return record
 
-    def _loader(self, dataset: ImageFolderDataset, order: Optional[EpochOrder] = None, **kwargs) -> DataLoader:
-        workers = default_num_workers(self.hparams.num_workers)
-        if order is not None:
-            kwargs = {"order": order, **kwargs}
-        return (TrainLoader if order is not None else WorkerSafeLoader)(
-            dataset,
-            num_workers=workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
-            worker_init_fn=functools.partial(init_loader_worker, rank=self._world()[0]),
-            **kwargs,
-        )
-
     def _spec(self, samples: list[tuple[str, int]], train: bool = False) -> LoaderSpec:
         rank, world = self._world()
         hp = self.hparams
@@ -276,39 +248,11 @@ class ImageNetDataModule(pl.LightningDataModule):
             order=order, val_crop_size=hp.val_crop_size, resizing=self._resizing(),
         )
 
-    def _backend_loader(self, split: str):
-        hp = self.hparams
-        dataset = self.train_set if split == "train" else self.val_set
-        spec = self._spec(dataset.samples, train=split == "train")
-        if hp.backend == "dali":
-            from datamodules import dali  # imported only when chosen: DALI is a large optional install
+    def train_dataloader(self):
+        return self.loaders.train_loader(self._spec(self.train_set.samples, train=True), self.train_set)
 
-            device = hp.dali_device if hp.dali_device != "auto" else ("gpu" if spec.device.type == "cuda" else "cpu")
-            if split != "train":
-                return dali.val_loader(spec, device=device)
-            self._dali_train = dali.train_loader(spec, device=device)
-            self._dali_train.restore_pipeline(self._resume_pipelines.get(spec.rank))
-            return self._dali_train
-        from datamodules import ffcv
-
-        beton = self._ffcv_dir / f"{split}.beton"
-        if split == "train":
-            return ffcv.train_loader(spec, beton, order=hp.ffcv_order, os_cache=hp.ffcv_os_cache)
-        return ffcv.val_loader(spec, beton, os_cache=hp.ffcv_os_cache)
-
-    def train_dataloader(self) -> DataLoader:
-        if self.hparams.backend != "torchvision":
-            return self._backend_loader("train")
-        # The order of datamodules/order.py (DistributedSampler's, also on one rank): the same shuffle for any world
-        # size, resumable mid-epoch; Lightning calls set_epoch.
-        return self._loader(self.train_set, order=self._spec(self.train_set.samples, train=True).order)
-
-    def val_dataloader(self) -> DataLoader:
-        if self.hparams.backend != "torchvision":
-            return self._backend_loader("val")
-        rank, world = self._world()
-        batches = EvalShardBatchSampler(len(self.val_set), self.per_device_batch_size, rank, world)
-        return self._loader(self.val_set, batch_sampler=batches)
+    def val_dataloader(self):
+        return self.loaders.val_loader(self._spec(self.val_set.samples), self.val_set)
 
     def state_dict(self) -> dict:
         """Stored in every checkpoint: the class names (evaluation maps a val folder to the model's outputs by them)
@@ -319,9 +263,7 @@ class ImageNetDataModule(pl.LightningDataModule):
             state["train_position"] = position.as_dict()
         if self._train_fingerprint is not None:
             state["train_samples"] = self._train_fingerprint
-        if self._dali_train is not None:  # every rank's pipeline state: Lightning writes rank 0's checkpoint only
-            pipelines = gather_objects(self._dali_train.pipeline_state(), self._world()[0])
-            state["dali_pipelines"] = {rank: p for rank, p in pipelines.items() if p is not None}
+        state.update(self.loaders.state_dict())
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -333,9 +275,7 @@ class ImageNetDataModule(pl.LightningDataModule):
                 "the rest of epoch %d follows the new list, so some of its images repeat and some are missed "
                 "(e.g. a manifest written or gone stale mid-run)", saved["count"], now["count"], self._sample_source,
                 saved["crc32"], now["crc32"], self._resume_position.epoch)
-        self._resume_pipelines = state_dict.get("dali_pipelines") or {}
-        if self._dali_train is not None:
-            self._dali_train.restore_pipeline(self._resume_pipelines.get(self._world()[0]))
+        self.loaders.load_state_dict(state_dict)
         if self.train_order is not None:  # the loader exists already: its next pass of that epoch starts there
             self.train_order.resume_at(self._resume_position)
         saved = state_dict.get("classes")

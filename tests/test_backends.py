@@ -44,7 +44,7 @@ def datamodule(backend: str, root, rank: int = 0, world: int = 1, batch_size: in
     if backend == "ffcv":
         pytest.importorskip("ffcv")
     dm = ImageNetDataModule(str(root), batch_size=batch_size * world, num_workers=1, crop_size=32, val_resize_size=36,
-                            backend=backend, dali_device="cpu")
+                            backend=backend, dali={"device": "cpu"})
     dm.trainer = _Rank(rank, world)
     dm.setup("fit")
     return dm

@@ -128,7 +128,7 @@ def _datamodule(root: str, rank: int, state: dict | None = None):
     from datamodules.imagenet import ImageNetDataModule
 
     dm = ImageNetDataModule(root, batch_size=16, num_workers=1, crop_size=32, val_resize_size=36, backend="dali",
-                            dali_device="cpu")
+                            dali={"device": "cpu"})
     dm.trainer = _Rank(rank)
     dm.setup("fit")
     if state:
@@ -175,7 +175,7 @@ def test_two_ranks_resume_their_own_crops_from_rank_0s_checkpoint(demo_root, tmp
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_gpu_without_cuda_names_the_setting(demo_root):
-    with pytest.raises(ValueError, match="data.dali_device=gpu needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="data.dali.device=gpu needs a CUDA GPU"):
         dali.val_loader(make_spec(split(demo_root, "val")), device="gpu")
 
 

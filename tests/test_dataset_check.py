@@ -228,13 +228,13 @@ def test_each_backend_fits_and_validates_on_the_odd_copy_with_the_manifests_samp
     extra = []
     if backend != "torchvision":
         pytest.importorskip({"dali": "nvidia.dali", "ffcv": "ffcv"}[backend])
-        extra = ["--data.backend", backend] + (["--data.dali_device", "cpu"] if backend == "dali" else [])
+        extra = ["--data.backend", backend] + (["--data.dali.device", "cpu"] if backend == "dali" else [])
     if backend == "ffcv":
         beton = tmp_path / "ffcv"
         from datamodules.ffcv_write import prepare_ffcv  # in-process: `resnet prepare ffcv` has its own tests
 
         prepare_ffcv(str(root), str(beton), workers=2)
-        extra += ["--data.ffcv_dir", str(beton)]
+        extra += ["--data.ffcv.dir", str(beton)]
     run_dir = tmp_path / "run"
     run_resnet(*tiny_fit_args(root, run_dir, "--trainer.max_epochs", "1", "--data.num_workers", "1", *extra),
                timeout=300)
@@ -244,7 +244,7 @@ def test_each_backend_fits_and_validates_on_the_odd_copy_with_the_manifests_samp
     assert metrics["step"] == train // 8 - 1  # whole batches of 8; the epoch-end validation's row: the last step
     assert not (run_dir / "skipped_images.txt").exists()  # the manifest left the unreadable ones out
     # The same validation samples and labels, in the manifest's order (one rank reads its shard in order).
-    dm = _datamodule(root, backend=backend, dali_device="cpu", **({"ffcv_dir": str(beton)} if backend == "ffcv" else {}))
+    dm = _datamodule(root, backend=backend, dali={"device": "cpu"}, ffcv={"dir": str(beton) if backend == "ffcv" else None})
     dm.setup("validate")
     labels = [int(y) for _, ys in dm.val_dataloader() for y in ys]
     assert labels == [label for _, label in find_manifest(root).samples("val")]

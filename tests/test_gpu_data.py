@@ -1,4 +1,4 @@
-"""The GPU data paths: DALI's nvJPEG pipeline (`data.dali_device: gpu`), FFCV's ToDevice transfer, and the batches each
+"""The GPU data paths: DALI's nvJPEG pipeline (`data.dali.device: gpu`), FFCV's ToDevice transfer, and the batches each
 of the three backends feeds a bf16-mixed, channels_last fit.
 
 Every check is a helper run once per device. The `cpu` variants run everywhere (DALI's CPU pipeline, FFCV without
@@ -272,7 +272,7 @@ class ModelInputs(pl.Callback):
 @pytest.mark.parametrize("backend", ["torchvision", "dali", "ffcv"])
 def test_fit_feeds_the_model_normalised_channels_last_float_batches(demo_root, ffcv_dir, backend, device, tmp_path):
     data = RecordingDataModule(root=str(demo_root), batch_size=8, num_workers=0, crop_size=32, val_resize_size=36,
-                               backend=backend, ffcv_dir=str(ffcv_dir))  # dali_device auto: gpu with a gpu trainer
+                               backend=backend, ffcv={"dir": str(ffcv_dir)})  # dali.device auto: gpu with a gpu trainer
     data.delivered = []
     model = ImageNetClassifier(arch="resnet18", num_classes=6, channels_last=True, batch_size=8)
     seen = ModelInputs()
@@ -320,7 +320,7 @@ def test_short_gpu_fit_learns_and_counts_every_val_image(demo240, backend, tmp_p
     if backend == "ffcv":
         ffcv_write.prepare_ffcv(str(demo240), compress_probability=0.5)  # <root>/ffcv, the DataModule's default
     run_dir = tmp_path / "run"
-    extra = ["--data.dali_device", "gpu"] if backend == "dali" else ["--data.num_workers", "1"]
+    extra = ["--data.dali.device", "gpu"] if backend == "dali" else ["--data.num_workers", "1"]
     run_resnet(*tiny_fit_args(
         demo240, run_dir, "--data.backend", backend, *extra, *GPU_FIT, "--data.crop_size", "48",
         "--data.val_resize_size", "55", "--data.batch_size", "16", "--data.random_resized_crop_scale", "[0.5, 1.0]",

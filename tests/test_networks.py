@@ -1,6 +1,8 @@
 """The network variants of the recipes (train/networks.py) and the batch mixing of the model, against direct
 computations."""
 
+import json
+
 import pytest
 import torch
 import torchvision
@@ -76,3 +78,41 @@ def test_the_class_count_is_the_last_linear_layers_wherever_it_sits():
     assert num_outputs(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8, 5), nn.Linear(5, 7))) == 7
     with pytest.raises(ValueError, match="Sequential: no Linear classifier"):
         num_outputs(nn.Sequential(nn.Conv2d(3, 8, 3)))
+
+
+def test_timm_resnets_are_networks_of_the_registry():
+    import timm
+
+    from train.networks import check_arch, timm_archs
+
+    assert {"timm:resnet50d", "timm:seresnext50_32x4d", "timm:resnetrs50"} <= set(timm_archs())
+    net = build_resnet("timm:resnet50d", num_classes=6, zero_init_residual=True, blurpool=True)
+    assert type(net.fc).__name__ == "Float32Head" and net.fc.out_features == 6
+    assert all(not b.bn3.weight.detach().any() for s in (net.layer1, net.layer4) for b in s)  # zero_init_last
+    reference = timm.create_model("resnet50d", num_classes=6)  # timm's keys, BlurPool's filter not among them
+    assert net.state_dict().keys() == reference.state_dict().keys()
+    net.load_state_dict(reference.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert net(torch.randn(2, 3, 64, 64)).dtype == torch.float32
+    with pytest.raises(ValueError, match="nearest: timm:resnet50, timm:resnet50t"):
+        check_arch("timm:resnet50x")
+    with pytest.raises(ValueError, match=r"torchvision's resnet18, .* or timm:<name>"):
+        check_arch("vgg16")
+
+
+def test_a_timm_network_trains_evaluates_and_predicts_by_name(demo_root, tmp_path):
+    from tests.conftest import run_resnet, tiny_fit_args
+    from train.weights import load_checkpoint
+
+    run = tmp_path / "run"
+    run_resnet(*tiny_fit_args(demo_root, run, "--model.arch", "timm:resnet18d", "--trainer.max_epochs", "1"))
+    loaded = load_checkpoint(str(run / "checkpoints/last.ckpt"))
+    assert loaded.arch == "timm:resnet18d" and loaded.net.fc.out_features == 6
+    assert "conv1.0.weight" in loaded.net.state_dict()  # ResNet-D's deep stem: timm's network, not torchvision's
+    out = tmp_path / "eval.pt"
+    run_resnet("evaluate", "--ckpt", str(run / "checkpoints/last.ckpt"), "--data.root", str(demo_root),
+               "--data.num_workers", "0", "--crop_size", "32", "--resize_size", "36", "--trainer.accelerator", "cpu",
+               "--trainer.enable_progress_bar", "false", "--output", str(out))
+    assert json.loads(out.with_suffix(".json").read_text())["arch"] == "timm:resnet18d"
+    proc = run_resnet(*tiny_fit_args(demo_root, tmp_path / "bad", "--model.arch", "timm:resnet50x"), expect_rc=2)
+    assert "model.arch='timm:resnet50x': not in timm's ResNet family" in proc.stderr

@@ -189,7 +189,7 @@ def demo_betons(demo_root, tmp_path_factory):
 
 @pytest.mark.parametrize("name, backend", FITS)
 def test_recipe_trains_two_steps(name, backend, demo_root, tmp_path, request):
-    extra = ["--data.ffcv_dir", str(request.getfixturevalue("demo_betons"))] if backend == "ffcv" else []
+    extra = ["--data.ffcv.dir", str(request.getfixturevalue("demo_betons"))] if backend == "ffcv" else []
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     steps = 2

@@ -138,5 +138,5 @@ def test_a_resume_with_another_world_or_repeat_count_reads_the_rest_once(caplog)
 
 
 def test_ffcvs_page_local_order_refuses_repeats(tmp_path):
-    with pytest.raises(ValueError, match="data.repeated_augmentation=4 with data.ffcv_order=quasi_random"):
-        ImageNetDataModule(str(tmp_path), backend="ffcv", ffcv_order="quasi_random", repeated_augmentation=4)
+    with pytest.raises(ValueError, match="data.repeated_augmentation=4 with data.ffcv.order=quasi_random"):
+        ImageNetDataModule(str(tmp_path), backend="ffcv", ffcv={"order": "quasi_random"}, repeated_augmentation=4)

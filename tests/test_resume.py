@@ -171,7 +171,7 @@ def test_each_backend_resumes_an_epoch_with_the_samples_the_uninterrupted_run_re
 
     def loader(state: dict | None = None):
         dm = ImageNetDataModule(str(root), batch_size=4, num_workers=1, crop_size=32, val_resize_size=36,
-                                backend=backend, dali_device="cpu")
+                                backend=backend, dali={"device": "cpu"})
         dm.trainer = World()
         dm.setup("fit")
         if state:

@@ -101,7 +101,7 @@ def test_betons_staged_and_read(demo_root, tmp_path, capsys):
     for name in ("train.beton", "val.beton"):  # stand-ins: staging copies bytes; test_ffcv reads staged betons
         (ffcv / name).write_bytes(os.urandom(3000))
     local = tmp_path / "local"
-    dm = ImageNetDataModule(root=str(demo_root), backend="ffcv", ffcv_dir=str(ffcv), stage_dir=str(local),
+    dm = ImageNetDataModule(root=str(demo_root), backend="ffcv", ffcv={"dir": str(ffcv)}, stage_dir=str(local),
                             batch_size=8, num_workers=0)
     dm.prepare_data()
     copy = stage_root(str(local), ffcv, "ffcv")
@@ -109,7 +109,7 @@ def test_betons_staged_and_read(demo_root, tmp_path, capsys):
     assert (copy / "val.beton").read_bytes() == (ffcv / "val.beton").read_bytes()
     assert read_record(copy)["key"]["files"]["train.beton"][0] == 3000
     dm.setup("fit")
-    assert dm._ffcv_dir == copy
+    assert dm.loaders.dir == copy
     (ffcv / "val.beton").write_bytes(os.urandom(2000))  # rewritten by `resnet prepare ffcv`: copied again
     staged = stage(beton_plan(ffcv, copy, ("val",)))
     assert staged.copied and (copy / "val.beton").stat().st_size == 2000 and (copy / RECORD).is_file()
@@ -124,5 +124,5 @@ def test_staging_errors_name_the_cause(demo_root, tmp_path, monkeypatch):
     with pytest.raises(StagingError, match=f"data.stage_dir: cannot use {blocker}"):
         datamodule(demo_root, blocker).prepare_data()
     with pytest.raises(Exception, match=r"no train.beton"):
-        ImageNetDataModule(root=str(demo_root), backend="ffcv", ffcv_dir=str(tmp_path), stage_dir=str(tmp_path / "l"),
+        ImageNetDataModule(root=str(demo_root), backend="ffcv", ffcv={"dir": str(tmp_path)}, stage_dir=str(tmp_path / "l"),
                            batch_size=8).prepare_data()

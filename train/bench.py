@@ -18,6 +18,7 @@ from rich.table import Table
 from torchvision import datasets
 from torchvision import transforms as v1
 
+from datamodules.backends import DaliOptions, FfcvOptions
 from datamodules.demo import write_bench_dataset
 from datamodules.evaluation import EvalDataModule
 from datamodules.imagenet import ImageNetDataModule
@@ -95,7 +96,7 @@ def loader_rate(
     stats: Optional[dict] = None,
 ) -> float:
     """Images/s of one backend's training loader alone (see bench_data); on `gpu` DALI decodes with nvJPEG
-    (`data.dali_device gpu`, what training on a GPU uses) and every batch is copied to the GPU and normalised there.
+    (`data.dali.device gpu`, what training on a GPU uses) and every batch is copied to the GPU and normalised there.
     `stats`: filled as `_time_batches` does."""
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
 
@@ -109,7 +110,8 @@ def loader_rate(
         loader = _pil_imagefolder(root, crop_size, batch_size, num_workers)
         return _time_batches(loader, warmup_batches, batches, on_device, stats)
     dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
-                            backend=backend, ffcv_dir=ffcv_dir, dali_device="gpu" if device.type == "cuda" else "cpu")
+                            backend=backend, ffcv=FfcvOptions(dir=ffcv_dir),
+                            dali=DaliOptions(device="gpu" if device.type == "cuda" else "cpu"))
     if device.type == "cuda":  # the loaders' target device, as in training: FFCV then copies with its own ToDevice
         dm.trainer = pl.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)

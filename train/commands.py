@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 
 
 def underscore_options(args: list[str]) -> list[str]:
@@ -13,6 +14,25 @@ def underscore_options(args: list[str]) -> list[str]:
     end = args.index("--") if "--" in args else len(args)  # after a bare `--`: arguments, not options
     return [re.sub(r"^--[a-z0-9_.-]+", lambda m: m.group(0)[:2] + m.group(0)[2:].replace("-", "_"), a)
             for a in args[:end]] + args[end:]
+
+
+# Options renamed when each backend's options moved under its name (datamodules/backends): the old spelling still
+# runs, with a note, so that a requeued job's command line or an sbatch script written before keeps working.
+RENAMED = {"--data.dali_device": "--data.dali.device", "--data.ffcv_dir": "--data.ffcv.dir",
+           "--data.ffcv_order": "--data.ffcv.order", "--data.ffcv_os_cache": "--data.ffcv.os_cache"}
+
+
+def renamed_options(args: list[str]) -> list[str]:
+    """`args` (underscored already) with RENAMED's old option names replaced, each named once on stderr."""
+    end = args.index("--") if "--" in args else len(args)
+    out = []
+    for a in args[:end]:
+        name, sep, value = a.partition("=")
+        if name in RENAMED:
+            print(f"resnet: {name} is now {RENAMED[name]}", file=sys.stderr)
+            a = RENAMED[name] + sep + value
+        out.append(a)
+    return out + args[end:]
 
 
 # `resnet prepare` and `resnet bench`: subcommand -> ("module:function", one line for `resnet --help`). Imported only

@@ -153,7 +153,8 @@ def evaluate(
     Args:
         ckpt: a `resnet fit` checkpoint (e.g. runs/imagenet_r50/checkpoints/best.ckpt).
         weights: instead of `ckpt`: `torchvision:<arch>.<name>` (e.g. torchvision:resnet50.IMAGENET1K_V1,
-            fetched through torchvision's download cache) or a torchvision-format state-dict file.
+            fetched through torchvision's download cache), `timm:<model>.<tag>` (e.g. timm:resnet50.a1_in1k, through
+            the Hugging Face Hub cache) or a torchvision-format state-dict file.
         protocol: `center` (1 crop), `10crop` (corners + centre, and flips) or `multiscale` (fully convolutional).
         scales: multiscale shorter sides, e.g. 224,256,384,480,640 (He et al. 2015, Table 4).
         crop_size: center and 10crop crop side.
@@ -172,7 +173,7 @@ def evaluate(
             checkpoint was trained with W&B.
     """
     if (ckpt is None) == (weights is None):
-        raise ValueError("give exactly one of --ckpt PATH or --weights torchvision:<arch>.<weights>|FILE")
+        raise ValueError("give exactly one of --ckpt PATH or --weights torchvision:<arch>.<weights>|timm:<model>.<tag>|FILE")
     loaded: LoadedModel = load_checkpoint(ckpt) if ckpt else load_weights(weights)
     views = EvalViews(
         protocol, crop_size=crop_size, resize_size=resize_size or 256,

@@ -63,13 +63,15 @@ class ImageNetClassifier(pl.LightningModule):
     ):
         """
         Args:
-            arch: torchvision ResNet depth.
+            arch: the network (train/networks.py): torchvision's `resnet18` ... `resnet152`, or `timm:<name>` of
+                timm's ResNet family (e.g. `timm:resnet50d`, ResNet-D of Bag of Tricks, He et al. 2019).
             num_classes: output classes (1000 for ImageNet-1k); None = the class folders of data.root/train, counted
                 by `resnet fit` / `resnet validate` before the model is built.
             zero_init_residual: start the last BatchNorm of each residual block at 0 (Goyal et al. 2017).
             channels_last: NHWC memory format (faster convolutions with tensor cores).
             compile: torch.compile the network.
-            pretrained: file with a torchvision-format state dict to start from.
+            pretrained: file with a state dict of this network to start from (torchvision's keys, or timm's for a
+                timm network).
             label_smoothing: cross-entropy label smoothing (0.1 in recent recipes, 0 in the paper).
             lr_per_256: learning rate for a global batch of 256, scaled linearly to `batch_size`.
             batch_size: global batch; linked from `data.batch_size` by the command line.

@@ -1,5 +1,8 @@
-"""The networks: torchvision's ResNets, optionally with BlurPool before strided convolutions, and a classifier
-head that computes in float32 under autocast. State-dict keys stay torchvision's in every variant."""
+"""The networks by name, the one registry training, weights loading and evaluation take: torchvision's ResNets
+(`resnet50`: torchvision.models.get_model) and timm's ResNet family (`timm:resnet50d`: the models of
+timm.models.resnet, e.g. ResNet-D, SE-ResNet, ResNeXt, ResNet-RS), optionally with BlurPool before strided
+convolutions, and a classifier head that computes in float32 under autocast. State-dict keys stay the library's
+in every variant."""
 
 from __future__ import annotations
 
@@ -11,9 +14,40 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-# The networks by name: the one list training, weights loading and evaluation take.
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
-ARCHS: tuple[str, ...] = get_args(Arch)
+# torchvision's networks by name; timm's are `timm:<name>` (check_arch). `Arch` is a string: the timm names come
+# from the installed timm (timm.list_models(module="resnet")), 81 in timm 1.0.
+TorchvisionArch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+ARCHS: tuple[str, ...] = get_args(TorchvisionArch)
+Arch = str
+TIMM = "timm:"
+
+
+def timm_archs() -> list[str]:
+    """timm's ResNet family (the models of timm.models.resnet) as `timm:<name>`."""
+    import timm
+
+    return [TIMM + name for name in timm.list_models(module="resnet")]
+
+
+def check_arch(arch: str) -> str:
+    """`arch` when it names a network of the registry.
+
+    Raises:
+        ValueError: an unknown name, with the choices (and the nearest timm names for a `timm:` one).
+    """
+    if arch in ARCHS:
+        return arch
+    if arch.startswith(TIMM):
+        known = timm_archs()
+        if arch in known:
+            return arch
+        import difflib
+
+        near = difflib.get_close_matches(arch, known, n=4, cutoff=0.6)
+        raise ValueError(f"model.arch={arch!r}: not in timm's ResNet family ({len(known)} models of "
+                         f"timm.models.resnet){'; nearest: ' + ', '.join(near) if near else ''}")
+    raise ValueError(f"model.arch={arch!r}: expected one of torchvision's {', '.join(ARCHS)} or timm:<name> of timm's "
+                     "ResNet family (e.g. timm:resnet50d)")
 
 
 def num_outputs(net: nn.Module) -> int:
@@ -72,13 +106,35 @@ def add_blurpool(net: nn.Module) -> int:
     return count
 
 
+def _float32_head(net: nn.Module) -> None:
+    """Replace the network's last Linear layer (its classifier: `fc` in torchvision's and timm's ResNets) by a
+    Float32Head with the same weights, in place."""
+    name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, attr = name.rpartition(".")
+    old = getattr(net.get_submodule(parent), attr)
+    head = Float32Head(old.in_features, old.out_features, bias=old.bias is not None)
+    head.load_state_dict(old.state_dict())
+    setattr(net.get_submodule(parent), attr, head)
+
+
 def build_resnet(arch: Arch, num_classes: int = 1000, zero_init_residual: bool = False, blurpool: bool = False) -> nn.Module:
-    """torchvision's ResNet (v1.5: stride 2 on the bottleneck's 3x3), randomly initialised, with a float32 head
-    (Float32Head) and, with `blurpool`, BlurPool before its strided convolutions (add_blurpool)."""
-    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual)
-    head = Float32Head(net.fc.in_features, net.fc.out_features)
-    head.load_state_dict(net.fc.state_dict())
-    net.fc = head
+    """The network `arch` names (check_arch), randomly initialised: torchvision's ResNet (v1.5: stride 2 on the
+    bottleneck's 3x3) or timm's model (timm.create_model, its `zero_init_last` set from `zero_init_residual`), with
+    a float32 head (Float32Head) and, with `blurpool`, BlurPool before its strided convolutions (add_blurpool).
+
+    Raises:
+        ValueError: an unknown `arch` (check_arch).
+    """
+    check_arch(arch)
+    if arch.startswith(TIMM):
+        import timm
+
+        net = timm.create_model(arch.removeprefix(TIMM), pretrained=False, num_classes=num_classes,
+                                zero_init_last=zero_init_residual)
+    else:
+        net = torchvision.models.get_model(arch, weights=None, num_classes=num_classes,
+                                           zero_init_residual=zero_init_residual)
+    _float32_head(net)
     if blurpool:
         add_blurpool(net)
     return net

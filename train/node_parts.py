@@ -194,7 +194,7 @@ def fit_rows(s: Sizes, dataset: Callable[[], str], ceilings: list[dict]) -> list
         config = {"recipe": RECIPE, "backend": backend, "num_workers": s.num_workers, "batch_size": s.batch_size,
                   "crop_size": s.crop_size, "precision": s.precision, "compile": s.fit_compile, "accelerator": s.accelerator}
         if backend == "dali":
-            config["dali_device"] = s.accelerator
+            config["dali.device"] = s.accelerator
 
         def measure(backend=backend, config=config) -> dict:
             _need_backend(backend)
@@ -205,7 +205,7 @@ def fit_rows(s: Sizes, dataset: Callable[[], str], ceilings: list[dict]) -> list
                          "--data.num_workers", str(s.num_workers), "--data.batch_size", str(s.batch_size),
                          "--data.crop_size", str(s.crop_size), "--trainer.precision", s.precision,
                          "--model.compile", str(s.fit_compile).lower(), "--trainer.accelerator", s.accelerator,
-                         "--data.dali_device", s.accelerator, "--trainer.enable_model_summary", "false"]
+                         "--data.dali.device", s.accelerator, "--trainer.enable_model_summary", "false"]
             if s.fit_compile:
                 torch._dynamo.reset()  # a fresh compilation, as in a new `resnet fit` process
             fit = bench.fit_rate(str(REPO / RECIPE), s.steps, s.warmup_steps, overrides)

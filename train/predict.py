@@ -116,7 +116,7 @@ def predict(
     Args:
         inputs: image files, folders (recursive) and .txt lists of paths (one a line, relative to the list).
         ckpt: a `resnet fit` checkpoint (its classes and validation geometry come with it).
-        weights: instead of ckpt: `torchvision:resnet50.IMAGENET1K_V2` or a state-dict file.
+        weights: instead of ckpt: `torchvision:resnet50.IMAGENET1K_V2`, `timm:resnet50.a1_in1k` or a state-dict file.
         output: `.csv` (path, rank, index, class, name, probability; an `error` column for unreadable images) or
             `.json` (one object per image); None = the table on stdout only.
         top_k: classes per image (at most the number of classes).
@@ -139,7 +139,7 @@ def predict(
         FileNotFoundError: a missing input, checkpoint or synsets file.
     """
     if (ckpt is None) == (weights is None):
-        raise ValueError("give exactly one of --ckpt PATH or --weights (torchvision:<arch>.<weights> or a file)")
+        raise ValueError("give exactly one of --ckpt PATH or --weights (torchvision:<arch>.<weights>, timm:<model>.<tag> or a file)")
     if top_k < 1:
         raise ValueError(f"--top_k {top_k}: expected at least 1")
     if output and Path(output).suffix not in (".csv", ".json"):

@@ -1,7 +1,9 @@
-"""Networks to evaluate: our Lightning checkpoints, torchvision's published weights by name, or a state-dict file."""
+"""Networks to evaluate: our Lightning checkpoints, torchvision's or timm's published weights by name, or a state-dict
+file."""
 
 from __future__ import annotations
 
+import math
 import urllib.error
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from train.networks import ARCHS, build_resnet
+from train.networks import ARCHS, TIMM, build_resnet, check_arch
 
 # Residual blocks per stage and block type of each depth (He et al. 2015, Table 1).
 _LAYOUTS = {
@@ -49,9 +51,10 @@ def _net_from_state(state: dict[str, torch.Tensor], arch: str, source: str, blur
     """The network a state dict belongs to. `blurpool` (a checkpoint's hyperparameter): BlurPool's filters are not
     in the state dict, so only the checkpoint can say the network had them; a plain state-dict file is taken as a
     plain ResNet."""
-    if "fc.weight" not in state:
-        raise ValueError(f"{source}: no fc.weight in the state dict; expected torchvision ResNet keys (conv1.weight ... fc.bias)")
-    net = build_resnet(arch, num_classes=state["fc.weight"].shape[0], blurpool=blurpool)
+    matrices = [v for k, v in state.items() if k.endswith(".weight") and v.ndim == 2]  # the classifier is the last
+    if not matrices:
+        raise ValueError(f"{source}: no classifier weight in the state dict; expected {arch} keys (conv1.weight ... fc.bias)")
+    net = build_resnet(arch, num_classes=matrices[-1].shape[0], blurpool=blurpool)
     result = net.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{source}: not a {arch} state dict; missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
@@ -83,8 +86,46 @@ def load_checkpoint(path: str) -> LoadedModel:
                        wandb_run=ckpt.get("wandb_run") or {}, hparams=dict(hp), config=ckpt.get("config") or "")
 
 
+def load_timm_weights(spec: str) -> LoadedModel:
+    """`timm:resnet50.a1_in1k`: timm's pretrained weights of a ResNet-family model, through the Hugging Face Hub's
+    download cache (HF_HUB_OFFLINE=1 reads the cache alone). The resize before the 224 centre crop follows the
+    weights' `crop_pct` (224 / 0.95 -> 235 for a1_in1k); timm evaluates with bicubic resizing, this with bilinear.
+
+    Raises:
+        ValueError: a model outside timm's ResNet family, a tag timm does not have, or weights normalised with
+            other than ImageNet's mean and std.
+        ConnectionError: the weights neither in the cache nor downloadable.
+    """
+    import timm
+
+    name = spec.removeprefix(TIMM)
+    arch = TIMM + name.partition(".")[0]
+    check_arch(arch)
+    if name not in timm.list_pretrained(name.partition(".")[0] + ".*"):
+        tags = ", ".join(timm.list_pretrained(name.partition(".")[0] + ".*")) or "none"
+        raise ValueError(f"--weights {spec}: timm has no such pretrained weights; it has {tags}")
+    cfg = timm.get_pretrained_cfg(name)
+    if tuple(cfg.mean) != (0.485, 0.456, 0.406) or tuple(cfg.std) != (0.229, 0.224, 0.225):
+        raise ValueError(f"--weights {spec}: normalised with mean {cfg.mean} / std {cfg.std}; evaluation here "
+                         "normalises with ImageNet's (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225)")
+    try:
+        net = timm.create_model(name, pretrained=True)
+    except Exception as e:  # huggingface_hub's offline and HTTP errors have no common base beyond these
+        if isinstance(e, (OSError, ConnectionError)) or "offline" in str(e).lower() or "connect" in str(e).lower():
+            raise ConnectionError(
+                f"--weights {spec}: cannot get timm's weights from the Hugging Face Hub cache or download them ({e}); "
+                "on an offline node, download them where there is a network (same HF_HOME) and rerun"
+            ) from e
+        raise
+    state = net.state_dict()
+    loaded = _net_from_state(state, arch, spec)
+    return LoadedModel(loaded, arch, f"{arch} {cfg.tag} (timm)", None,
+                       resize_size=math.floor(224 / cfg.crop_pct + 1e-9))
+
+
 def load_weights(spec: str) -> LoadedModel:
-    """`torchvision:resnet50.IMAGENET1K_V1` (through torchvision's download cache) or a state-dict file.
+    """`torchvision:resnet50.IMAGENET1K_V1` (through torchvision's download cache), `timm:resnet50.a1_in1k`
+    (load_timm_weights) or a torchvision-format state-dict file.
 
     Raises:
         FileNotFoundError: a state-dict file that does not exist.
@@ -92,9 +133,11 @@ def load_weights(spec: str) -> LoadedModel:
             torchvision's download cache (named, with the fix: delete it and rerun).
         ConnectionError: torchvision's weights neither in the cache nor downloadable.
     """
+    if spec.startswith(TIMM):
+        return load_timm_weights(spec)
     if not spec.startswith("torchvision:"):
         if not Path(spec).is_file():
-            raise FileNotFoundError(f"--weights {spec}: no such file (or use torchvision:<arch>.<weights>, e.g. torchvision:resnet50.IMAGENET1K_V2)")
+            raise FileNotFoundError(f"--weights {spec}: no such file (or use torchvision:<arch>.<weights>, e.g. torchvision:resnet50.IMAGENET1K_V2, or timm:<model>.<tag>, e.g. timm:resnet50.a1_in1k)")
         state = _load(spec, "--weights", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
             raise ValueError(f"--weights {spec}: a Lightning checkpoint; evaluate it with --ckpt {spec}")
