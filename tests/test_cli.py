@@ -68,3 +68,38 @@ def test_no_srun_hint_outside_a_slurm_allocation(demo_root, tmp_path):
          "false"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "The `srun` command is available" not in proc.stderr and "val/acc1" in proc.stdout
+
+
+def test_backend_options_sit_under_the_backends_name_and_old_spellings_still_run(tmp_path):
+    out = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--data", str(REPO / "configs/data/ffcv.yaml"),
+                     "--data.dali.device", "cpu", "--data.ffcv.order", "quasi_random", "--print_config").stdout
+    data = yaml.safe_load(out)["data"]
+    assert data["backend"] == "ffcv" and data["dali"] == {"device": "cpu"}
+    assert data["ffcv"] == {"dir": None, "order": "quasi_random", "os_cache": True}
+    proc = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--data.dali-device=gpu",
+                      "--data.ffcv_dir", "/x", "--print_config")
+    data = yaml.safe_load(proc.stdout)["data"]
+    assert data["dali"]["device"] == "gpu" and data["ffcv"]["dir"] == "/x"
+    assert "--data.dali_device is now --data.dali.device" in proc.stderr
+    old = tmp_path / "old.yaml"
+    old.write_text("backend: dali\ndali_device: cpu\n")
+    err = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--data", str(old), "--print_config",
+                     expect_rc=2).stderr
+    assert "dali_device" in err  # a YAML file of the old schema: the key named
+    err = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--data.backend", "pil", expect_rc=2).stderr
+    assert "torchvision" in err and "ffcv" in err  # the registry's names offered
+
+
+def test_the_datamodule_refuses_an_unknown_backend_and_settings_a_backend_lacks(tmp_path):
+    import pytest
+
+    from datamodules.imagenet import ImageNetDataModule
+
+    with pytest.raises(ValueError, match="data.backend='pil': expected one of torchvision, dali, ffcv"):
+        ImageNetDataModule(str(tmp_path), backend="pil")
+    with pytest.raises(ValueError, match=r"data.backend=ffcv: data.lighting_std=0.1 exist .* \(use lighting_std 0.0\)"):
+        ImageNetDataModule(str(tmp_path), backend="ffcv", lighting_std=0.1)
+    with pytest.raises(ValueError, match="data.ffcv.order=quasi_random"):
+        ImageNetDataModule(str(tmp_path), backend="ffcv", ffcv={"order": "quasi_random"}, repeated_augmentation=2)
+    dm = ImageNetDataModule(str(tmp_path), backend="ffcv", ffcv={"dir": "/b"})
+    assert str(dm.loaders.dir) == "/b" and dm.loaders.data_dir(tmp_path) == dm.loaders.dir

@@ -57,9 +57,10 @@ def test_ddp_two_processes_match_one_process_validation(demo_copy, tmp_path):
     assert ddp["val/images"] == 29  # each image once, none padded
     ckpt = run_dir / "checkpoints/last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 9  # 72 images / global batch 8: as on one process
-    run_resnet("validate", "--config", str(run_dir / "logs/version_0/config.yaml"), "--ckpt_path", str(ckpt),
-               "--trainer.devices", "1", "--trainer.strategy", "auto")
+    proc = run_resnet("validate", "--config", str(run_dir / "logs/version_0/config.yaml"), "--ckpt_path", str(ckpt),
+                      "--trainer.devices", "1", "--trainer.strategy", "auto")
     single = last_metrics(run_dir)
+    assert f"validate: val/acc1 {100 * single['val/acc1']:.2f}%, val/acc5 {100 * single['val/acc5']:.2f}%" in proc.stdout
     assert single["val/images"] == 29
     assert single["val/acc1"] == pytest.approx(ddp["val/acc1"], abs=1e-6)
     assert single["val/acc5"] == pytest.approx(ddp["val/acc5"], abs=1e-6)

@@ -94,7 +94,7 @@ def test_validation_crop_apart_from_the_training_crop(demo_root):
     assert next(iter(dm.train_dataloader()))[0].shape[-2:] == (32, 32)
     assert next(iter(dm.val_dataloader()))[0].shape[-2:] == (48, 48)
     with pytest.raises(ValueError, match="data.trivial_augment=True .* torchvision backend only"):
-        ImageNetDataModule(str(demo_root), batch_size=4, backend="dali", trivial_augment=True).setup("fit")
+        ImageNetDataModule(str(demo_root), batch_size=4, backend="dali", trivial_augment=True)  # before any reading
 
 
 def test_trivial_augment_and_random_erasing_in_the_training_transform():

@@ -192,6 +192,7 @@ def test_run_identity_is_stable_per_run_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "700")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     assert run_identity(tmp_path / "d", "resnet101")[0].startswith("resnet101-700_3-")
+    assert re.fullmatch(r"timm-resnet50d-700_3-[0-9a-f]{8}", run_identity(tmp_path / "t", "timm:resnet50d")[0])
     monkeypatch.setattr(wandb_logging.rank_zero_only, "rank", 1)
     assert run_identity(tmp_path / "e", "resnet50")[0].startswith("resnet50-700_3-")
     assert not (tmp_path / "e").exists()  # only rank 0 writes

@@ -170,6 +170,12 @@ class TrainingReport(Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validated = not trainer.sanity_checking
+        if trainer.state.fn == "validate" and trainer.is_global_zero:  # fit's table shows percents: so does validate
+            m = trainer.callback_metrics
+            shown = [f"{k} {100 * float(m[k]):.2f}%" for k in ("val/acc1", "val/acc5") if k in m]
+            shown += [f"val/loss {float(m['val/loss']):.4f}"] if "val/loss" in m else []
+            shown += [f"{int(m['val/images'])} images"] if "val/images" in m else []
+            Console().print("validate: " + ", ".join(shown), highlight=False)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # A mid-epoch resume skips on_train_epoch_start: the epoch's time before the interruption counts too.

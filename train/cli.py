@@ -144,7 +144,10 @@ def prepare_main(args: list[str]) -> None:
     # FFCV's numba and the devkit reader load only when their subcommand may run.
     registry = {"demo": PREPARE["demo"]} if args[:1] == ["demo"] else PREPARE
     try:
-        auto_cli(functions(registry), args=args, as_positional=False, prog="resnet prepare")
+        result = auto_cli(functions(registry), args=args, as_positional=False, prog="resnet prepare")
+        if args[:1] == ["demo"]:  # the other subcommands report as they go
+            counts = {split: sum(1 for _ in Path(result, split).glob("*/*.JPEG")) for split in ("train", "val")}
+            print(f"resnet prepare demo: {counts['train']} train / {counts['val']} val images in {result}")
     except (ValueError, OSError) as e:  # bad input: name the cause, no traceback
         exit_with_error("resnet prepare", e)
 
@@ -206,7 +209,11 @@ def main(args: Optional[list[str]] = None) -> None:
     commands = {"prepare": prepare_main, "evaluate": evaluate_main, "ensemble": ensemble_main, "bench": bench_main,
                 "predict": predict_main}
     if argv[0] in commands:
-        return commands[argv[0]](argv[1:])
+        try:
+            return commands[argv[0]](argv[1:])
+        except KeyboardInterrupt:  # Ctrl-C: said in one line (outputs are written whole or not at all), no traceback
+            print(f"\nresnet {argv[0]}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
     if argv[0] not in COMMANDS and not argv[0].startswith("-"):
         print(f"resnet: error: no command {argv[0]!r}\n\n{overview()}", file=sys.stderr)
         raise SystemExit(2)

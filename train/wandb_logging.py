@@ -150,6 +150,7 @@ def run_identity(root: Path, arch: str, run_id: Optional[str] = None, resumed: b
     curves must not join the old run's): `<arch>-<job id>-<random>` under SLURM, else `<arch>-<random>` (only rank
     0 makes a run: other ranks' ids are unused)."""
     job = slurm_job_id()
+    arch = arch.replace(":", "-")  # timm:resnet50d -> timm-resnet50d: W&B run ids take no colon
     name = f"{arch}-{job or root.resolve().name}"
     stored = root / RUN_ID_FILE
     known = stored.read_text().strip() if stored.is_file() and resumed else ""
