@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests.conftest import run_resnet, tiny_fit_args
-from train.checkpointing import AtomicCheckpointIO, RequeueOnSignal, hpc_checkpoints, resume_path
+from train.checkpointing import AtomicCheckpointIO, hpc_checkpoints, resume_path
+from train.requeue import RequeueOnSignal
 
 
 class Unpicklable:

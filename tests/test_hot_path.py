@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.conftest import REPO, RESNET, tiny_fit_args
-from train.checkpointing import AgreedFlags, hpc_checkpoints
+from train.checkpointing import hpc_checkpoints
+from train.requeue import AgreedFlags
 from train.cli import build_cli
 
 HOST_READS = {"aten._local_scalar_dense.default", "aten.lift_fresh.default", "aten.nonzero.default",

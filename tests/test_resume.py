@@ -26,7 +26,8 @@ from datamodules.folder import ImageFolderDataset, sample_seed
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.order import rank_order
 from tests.conftest import REPO, RESNET, tiny_fit_args
-from train.checkpointing import NOTHING_NEW, Requeued, hpc_checkpoints, newest_checkpoint, resume_path
+from train.checkpointing import hpc_checkpoints, newest_checkpoint, resume_path
+from train.signals import NOTHING_NEW, Requeued
 from train.signals import REQUEUE_EXIT
 from train.cli import build_cli
 

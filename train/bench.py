@@ -20,24 +20,22 @@ from torchvision import transforms as v1
 
 from datamodules.backends import DaliOptions, FfcvOptions
 from datamodules.demo import write_bench_dataset
-from datamodules.evaluation import EvalDataModule
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.loaders import default_num_workers
-from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, PAPER_SCALES, PROTOCOLS, EvalViews, Protocol
-from train.evaluate import evaluate
+from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.networks import Arch, build_resnet
 from train.results import console
 
 Backend = Literal["torchvision", "dali", "ffcv", "pil"]
 
 
-def _device_name(accelerator: str = "auto") -> str:
+def device_name(accelerator: str = "auto") -> str:
     if torch.cuda.is_available() and accelerator != "cpu":
         return torch.cuda.get_device_name()
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def _time_batches(batches, warmup: int, count: int, on_batch=lambda b: b, stats: Optional[dict] = None) -> float:
+def time_batches(batches, warmup: int, count: int, on_batch=lambda b: b, stats: Optional[dict] = None) -> float:
     """Images/s over `count` batches after `warmup` ones, or as many as the loader has (decode and augmentation
     are lazy: pull and touch). `stats`, when given, gets what was timed: images, seconds and the last batch's
     image shape."""
@@ -97,7 +95,7 @@ def loader_rate(
 ) -> float:
     """Images/s of one backend's training loader alone (see bench_data); on `gpu` DALI decodes with nvJPEG
     (`data.dali.device gpu`, what training on a GPU uses) and every batch is copied to the GPU and normalised there.
-    `stats`: filled as `_time_batches` does."""
+    `stats`: filled as `time_batches` does."""
     device = torch.device("cuda" if accelerator == "gpu" else "cpu")
 
     def on_device(batch):  # what Lightning's batch transfer does (pinned host batches: asynchronous copies)
@@ -108,7 +106,7 @@ def loader_rate(
 
     if backend == "pil":
         loader = _pil_imagefolder(root, crop_size, batch_size, num_workers)
-        return _time_batches(loader, warmup_batches, batches, on_device, stats)
+        return time_batches(loader, warmup_batches, batches, on_device, stats)
     dm = ImageNetDataModule(root, batch_size=batch_size, num_workers=num_workers, crop_size=crop_size,
                             backend=backend, ffcv=FfcvOptions(dir=ffcv_dir),
                             dali=DaliOptions(device="gpu" if device.type == "cuda" else "cpu"))
@@ -116,7 +114,7 @@ def loader_rate(
         dm.trainer = pl.Trainer(accelerator="gpu", devices=1, logger=False, enable_checkpointing=False,
                                 enable_progress_bar=False, enable_model_summary=False)
     dm.setup("fit")
-    return _time_batches(dm.train_dataloader(), warmup_batches, batches,
+    return time_batches(dm.train_dataloader(), warmup_batches, batches,
                          lambda b: dm.on_after_batch_transfer(on_device(b), 0), stats)
 
 
@@ -164,7 +162,7 @@ def bench_data(
             console().print(f"[{backend}] only {timed['images']} images after the warm-up, not {batches * batch_size}")
         rows.append({"backend": backend, "images_per_sec": rate, **timed})
     table = Table(title=f"Loader throughput: RandomResizedCrop {crop_size} + flip + normalise, batch {batch_size}, "
-                        f"{num_workers} workers, {_device_name(accelerator)}")
+                        f"{num_workers} workers, {device_name(accelerator)}")
     table.add_column("backend")
     table.add_column("images/s", justify="right")
     table.add_column("vs pil", justify="right")
@@ -246,7 +244,7 @@ def bench_model(
     if device.type == "cuda":
         options += ["cudnn.benchmark"] * cudnn_benchmark + ([] if tf32 is None else [f"tf32 {'on' if tf32 else 'off'}"])
     console().print(f"model ceiling ({'training step' if train else 'inference'}): {arch}, batch {batch_size}, {crop_size}px, "
-                    f"{', '.join(options)}, {_device_name(accelerator)}: {rate:.1f} images/s")
+                    f"{', '.join(options)}, {device_name(accelerator)}: {rate:.1f} images/s")
     return rate
 
 
@@ -327,81 +325,3 @@ def bench_fit(recipe: str = "configs/demo.yaml", steps: int = 30, warmup_steps: 
     console().print(f"full pipeline {fit['images_per_sec']:.1f} images/s = {100 * fit['images_per_sec'] / ceiling:.0f}% "
                     f"of the synthetic ceiling {ceiling:.1f}")
     return row
-
-
-def eval_rate(weights: str, root: str, protocol: str, *, batch_size: int, num_workers: Optional[int], accelerator: str,
-              crop_size: int = 224, resize_size: int = 256, scales: list[int] = list(PAPER_SCALES)) -> dict:
-    """One `resnet evaluate` run of a state-dict file on `root`/val under `protocol`: its protocol, views,
-    views_detail, images, images_per_sec (after the first batch) and precision."""
-    result = evaluate(
-        weights=weights, protocol=protocol, crop_size=crop_size, resize_size=resize_size, scales=scales,
-        data={"root": root, "batch_size": batch_size, "num_workers": num_workers},
-        trainer={"accelerator": accelerator, "devices": 1, "enable_progress_bar": False},
-    )
-    return {k: result[k] for k in ("protocol", "views", "views_detail", "images", "images_per_sec", "precision")}
-
-
-def bench_eval(
-    arch: Arch = "resnet50",
-    root: Optional[str] = None,
-    images_per_class: int = 6,
-    image_size: tuple[int, int] = (500, 375),
-    protocols: list[Protocol] = list(PROTOCOLS),
-    batch_size: int = 12,
-    num_workers: Optional[int] = None,
-    accelerator: str = "auto",
-    time_loader: bool = False,
-    crop_size: int = 224,
-    resize_size: int = 256,
-    scales: list[int] = list(PAPER_SCALES),
-) -> list[dict]:
-    """Images/s of `resnet evaluate` under each protocol, by default at ImageNet geometry (resize 256, crop 224,
-    scales 224-640), with a randomly initialised network: the speed does not depend on the weights.
-
-    Args:
-        arch: network depth.
-        root: an ImageNet-layout folder to read `val/` from; None = ImageNet-sized JPEGs (6 classes x
-            `images_per_class`, quality 90) written once under .cache/.
-        images_per_class: images per class of the generated set.
-        image_size: (width, height) of the generated JPEGs; 500x375 is ImageNet's most common size.
-        protocols: protocols to time.
-        batch_size: images per loader batch (all views of each).
-        num_workers: loader processes; None = the CPUs this process may use, at most 8.
-        accelerator: `cpu`, `gpu` or `auto`.
-        time_loader: also time the protocol's loader alone (same batch and workers, no model): when it is not
-            much faster than the evaluation, decoding and resizing on the CPU are the bottleneck.
-        crop_size: center and 10crop crop side, pixels.
-        resize_size: center and 10crop shorter side before cropping, pixels.
-        scales: multiscale shorter sides, pixels.
-    """
-    if root is None:
-        root = str(write_bench_dataset(1, images_per_class, image_size=tuple(image_size)))
-    classes = len([p for p in (Path(root) / "val").iterdir() if p.is_dir()])
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / f"{arch}.pth"
-        torch.save(build_resnet(arch, num_classes=classes).state_dict(), weights)
-        for protocol in protocols:
-            row = eval_rate(str(weights), root, protocol, batch_size=batch_size, num_workers=num_workers,
-                            accelerator=accelerator, crop_size=crop_size, resize_size=resize_size, scales=scales)
-            if time_loader:
-                views = EvalViews(protocol, crop_size=crop_size, resize_size=resize_size, scales=tuple(scales))
-                dm = EvalDataModule(root, batch_size=batch_size, num_workers=num_workers, views=views)
-                dm.setup("test")
-                # As `resnet evaluate` times: images after the first batch (worker start-up excluded).
-                row["loader_images_per_sec"] = _time_batches(dm.test_dataloader(), 1, len(dm.dataset), lambda b: b[1:])
-            rows.append(row)
-    _print_eval_table(rows, arch, accelerator, batch_size, default_num_workers(num_workers), time_loader)
-    return rows
-
-
-def _print_eval_table(rows: list[dict], arch: str, accelerator: str, batch_size: int, workers: int, time_loader: bool) -> None:
-    table = Table(title=f"resnet evaluate throughput: {arch}, {_device_name(accelerator)}, batch {batch_size}, {workers} workers")
-    columns = ["protocol", "views", "images", "images/s", "views/s", "precision"] + ["loader alone, images/s"] * time_loader
-    for col in columns:
-        table.add_column(col, justify="left" if col in ("protocol", "precision") else "right")
-    for r in rows:
-        table.add_row(r["views_detail"], str(r["views"]), str(r["images"]), f"{r['images_per_sec']:.2f}",
-                      f"{r['images_per_sec'] * r['views']:.1f}", r["precision"],
-                      *([f"{r['loader_images_per_sec']:.2f}"] if time_loader else []))
-    console().print(table)

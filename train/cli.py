@@ -25,16 +25,9 @@ from train.predict import predict_main
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
 from train.model import ImageNetClassifier
-from train.checkpointing import (
-    AtomicCheckpointIO,
-    BestAndLastCheckpoint,
-    Preempted,
-    Requeued,
-    RequeueOnSignal,
-    close_process_group,
-    resume_path,
-)
-from train.signals import end_on_job_signal, ignore_job_signals
+from train.checkpointing import AtomicCheckpointIO, BestAndLastCheckpoint, close_process_group, resume_path
+from train.requeue import RequeueOnSignal
+from train.signals import Preempted, Requeued, end_on_job_signal, ignore_job_signals
 from train.wandb_logging import configure_wandb, log_ensemble, log_safely, run_dir_of, wanted
 
 

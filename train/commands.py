@@ -49,7 +49,7 @@ BENCH = {
     "data": ("train.bench:bench_data", "loader throughput alone, each backend on the same JPEGs"),
     "model": ("train.bench:bench_model", "training-step ceiling on synthetic tensors (no loader)"),
     "fit": ("train.bench:bench_fit", "the whole training pipeline against that ceiling"),
-    "eval": ("train.bench:bench_eval", "evaluation images/s under each protocol"),
+    "eval": ("train.bench_eval:bench_eval", "evaluation images/s under each protocol"),
     "node": ("train.node_report:bench_node", "this machine's report: all of the above and the GPU tests (make gpu-check)"),
     "checkpoint": ("train.bench_checkpoint:bench_checkpoint", "the cost of a periodic checkpoint"),
     "start": ("train.bench_start:bench_start", "start-up time to the first step: folder scan against manifest"),

@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from rich.markup import escape
 
 from datamodules.transforms import PAPER_SCALES
-from train import bench
+from train import bench, bench_eval
 from train.model import ImageNetClassifier
 from train.networks import build_resnet
 from train.optim import param_groups, scaled_lr
@@ -261,7 +261,7 @@ def eval_geometry(crop_size: int) -> dict:
 
 
 def eval_rows(s: Sizes, dataset: Callable[[], str]) -> list[dict]:
-    """`resnet evaluate` under each protocol (bench.eval_rate), a randomly initialised network (speed does not
+    """`resnet evaluate` under each protocol (bench_eval.eval_rate), a randomly initialised network (speed does not
     depend on the weights), on the generated val/ images."""
     geometry = eval_geometry(s.crop_size)
     rows = []
@@ -275,7 +275,7 @@ def eval_rows(s: Sizes, dataset: Callable[[], str]) -> list[dict]:
                 root = dataset()
                 if not weights.is_file():
                     torch.save(build_resnet(s.eval_arch, num_classes=_classes(root, "val")).state_dict(), weights)
-                result = bench.eval_rate(str(weights), root, protocol, batch_size=s.eval_batch_size, num_workers=None,
+                result = bench_eval.eval_rate(str(weights), root, protocol, batch_size=s.eval_batch_size, num_workers=None,
                                          accelerator=s.accelerator, **geometry)
                 return {k: result[k] for k in ("images_per_sec", "views", "views_detail", "images", "precision")}
 

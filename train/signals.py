@@ -2,7 +2,7 @@
 only): SLURM sends SIGUSR1 before a time limit (`#SBATCH --signal=SIGUSR1@300`) and SIGTERM on preemption, and a
 job that is still importing torch or listing 1.28 M files must neither die of them (exit 138, no requeue) nor ignore
 them. Until training starts there is nothing new to save: the signal ends the command at once, cleanly, and a SIGUSR1
-requeues the job (`requeue`). From the first training step on, `train.checkpointing.RequeueOnSignal` takes over and
+requeues the job (`requeue`). From the first training step on, `train.requeue.RequeueOnSignal` takes over and
 saves first."""
 
 from __future__ import annotations

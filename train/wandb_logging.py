@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
-from train.checkpointing import slurm_job_id
+from train.signals import slurm_job_id
 
 DEFAULT_PROJECT = "resnet-imagenet"
 RUN_ID_FILE = "wandb_run_id"  # in the run directory: the id a resumed run continues
