@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -103,10 +104,16 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.root = Path(root)
         if backend not in BACKENDS:  # the command line's schema (BackendName) checks it; Python callers get this
             raise ValueError(f"data.backend={backend!r}: expected one of {', '.join(BACKENDS)}")
+        # Backend options as plain dicts in hparams, checkpoints (torch.load(weights_only=True)) and the loggers'
+        # hparams.yaml (safe_load): a dataclass given by Python code is converted.
+        plain = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in self.hparams.items()}
+        if plain != dict(self.hparams):
+            self.save_hyperparameters(plain)
         kind = BACKENDS[backend]
-        options = self.hparams.get(backend) if kind.options is not None else None  # data.<backend>
-        if options is not None and not isinstance(options, kind.options):  # a dict from Python code or a checkpoint
-            options = kind.options(**options)
+        try:
+            options = kind.options(**self.hparams[backend]) if kind.options is not None else None  # data.<backend>
+        except TypeError as e:  # a key the dataclass lacks, from Python code
+            raise ValueError(f"data.{backend}={self.hparams[backend]}: {e}") from None
         self.loaders: LoaderBackend = kind(self, options) if options is not None else kind(self)
         self.loaders.check(dict(self.hparams))
         self.batch_size = batch_size

@@ -14,7 +14,6 @@ from datamodules.imagenet import ImageNetDataModule
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 BACKENDS = list(REGISTRY)  # every registered backend: a new one is held to the contract without a line here
-OPTIONAL = {"dali": "nvidia.dali", "ffcv": "ffcv"}  # the import each optional extra needs, skipped without it
 
 
 class _Rank:
@@ -41,8 +40,8 @@ def data(demo_root, tmp_path_factory):
 
 
 def datamodule(backend: str, root, rank: int = 0, world: int = 1, batch_size: int = 4) -> ImageNetDataModule:
-    if backend in OPTIONAL:
-        pytest.importorskip(OPTIONAL[backend])
+    if REGISTRY[backend].requires:  # an optional extra: skipped without it
+        pytest.importorskip(REGISTRY[backend].requires)
     dm = ImageNetDataModule(str(root), batch_size=batch_size * world, num_workers=1, crop_size=32, val_resize_size=36,
                             backend=backend, dali={"device": "cpu"})
     dm.trainer = _Rank(rank, world)

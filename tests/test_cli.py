@@ -81,11 +81,18 @@ def test_backend_options_sit_under_the_backends_name_and_old_spellings_still_run
     data = yaml.safe_load(proc.stdout)["data"]
     assert data["dali"]["device"] == "gpu" and data["ffcv"]["dir"] == "/x"
     assert "--data.dali_device is now --data.dali.device" in proc.stderr
+    # YAML of the old schema: a --data file, and a whole config as earlier runs saved it (config.yaml of their logs)
     old = tmp_path / "old.yaml"
     old.write_text("backend: dali\ndali_device: cpu\n")
-    err = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--data", str(old), "--print_config",
-                     expect_rc=2).stderr
-    assert "dali_device" in err  # a YAML file of the old schema: the key named
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(yaml.safe_dump({"data": {"root": "/d", "ffcv_dir": "/b", "ffcv_order": "random",
+                                              "ffcv_os_cache": False}}))
+    for config, expected in ((["--data", str(old)], {"dali": {"device": "cpu"}}),
+                             (["--config", str(saved)], {"ffcv": {"dir": "/b", "order": "random", "os_cache": False}})):
+        proc = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), *config, "--print_config")
+        data = yaml.safe_load(proc.stdout)["data"]
+        assert {k: data[k] for k in expected} == expected and not {"dali_device", "ffcv_dir"} & data.keys()
+        assert f"config key data.{'dali_device' if 'dali' in expected else 'ffcv_dir'} is now" in proc.stderr
     err = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--data.backend", "pil", expect_rc=2).stderr
     assert "torchvision" in err and "ffcv" in err  # the registry's names offered
 

@@ -407,7 +407,8 @@ def test_timm_weights_by_name_from_the_hugging_face_cache(tmp_path):
     torch.manual_seed(0)
     net = timm.create_model("resnet18")
     hub_cache_with(tmp_path / "hf", "timm/resnet18.a1_in1k", net.state_dict())
-    run_resnet(*args, env=offline)
+    proc = run_resnet(*args, env=offline)
+    assert "the weights' own protocol resizes to 235 (timm: 224 / crop_pct): add --resize_size 235" in proc.stdout
     summary = json.loads((tmp_path / "r18.json").read_text())
     assert summary["arch"] == "timm:resnet18" and summary["model"] == "timm:resnet18 a1_in1k (timm)"
     result = torch.load(tmp_path / "r18.pt", weights_only=True)

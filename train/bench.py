@@ -18,7 +18,7 @@ from rich.table import Table
 from torchvision import datasets
 from torchvision import transforms as v1
 
-from datamodules.backends import DaliOptions, FfcvOptions
+from datamodules.backends import BACKENDS, DaliOptions, FfcvOptions
 from datamodules.demo import write_bench_dataset
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.loaders import default_num_workers
@@ -26,7 +26,7 @@ from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 from train.networks import Arch, build_resnet
 from train.results import console
 
-Backend = Literal["torchvision", "dali", "ffcv", "pil"]
+Backend = Literal[("pil", *BACKENDS)]  # type: ignore[misc]  # pil: torchvision datasets.ImageFolder, the baseline
 
 
 def device_name(accelerator: str = "auto") -> str:
@@ -120,7 +120,7 @@ def loader_rate(
 
 def bench_data(
     root: Optional[str] = None,
-    backends: list[Backend] = ["pil", "torchvision", "dali", "ffcv"],
+    backends: list[Backend] = ["pil", *BACKENDS],
     batch_size: int = 64,
     num_workers: int = 2,
     crop_size: int = 224,
@@ -275,11 +275,13 @@ class StepTimer(pl.Callback):
 def fit_cli(args: list[str]):
     """`resnet fit`'s command line (train.cli.build_cli) parsed from `args` and instantiated, not run."""
     from train.cli import build_cli  # the full recipe, parsed as `resnet fit` parses it
+    from train.commands import read_renamed_keys, renamed_options, underscore_options
 
+    read_renamed_keys()
     with warnings.catch_warnings():
         # LightningCLI warns when sys.argv holds arguments too: here they are `bench ...`, not meant for it.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return build_cli(args, run=False)
+        return build_cli(renamed_options(underscore_options(args)), run=False)
 
 
 def fit_rate(recipe: str, steps: int, warmup_steps: int, overrides: list[str]) -> dict:

@@ -20,7 +20,7 @@ from datamodules import ImageNetDataModule
 from datamodules.folder import CorruptImageError, DatasetLayoutError, find_classes
 from datamodules.transforms import ProgressiveResizing
 from train.evaluate import evaluate_main, exit_with_error
-from train.commands import BENCH, COMMANDS, PREPARE, functions, overview, renamed_options, underscore_options
+from train.commands import BENCH, COMMANDS, PREPARE, functions, overview, read_renamed_keys, renamed_options, underscore_options
 from train.predict import predict_main
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
@@ -211,6 +211,7 @@ def main(args: Optional[list[str]] = None) -> None:
         print(f"resnet: error: no command {argv[0]!r}\n\n{overview()}", file=sys.stderr)
         raise SystemExit(2)
     argv = renamed_options(argv)
+    read_renamed_keys()
     try:
         if args is None:  # the command line itself, respelled: Lightning's DDP launcher re-runs sys.argv
             sys.argv[1:] = argv

@@ -35,6 +35,36 @@ def renamed_options(args: list[str]) -> list[str]:
     return out + args[end:]
 
 
+def renamed_keys(config):
+    """A loaded YAML value with RENAMED's old keys moved to the new place, each named once on stderr: a whole config
+    (`data: {dali_device: gpu}`, e.g. an earlier run's saved config.yaml) or a `--data` file (`dali_device: gpu`).
+    Anything else is returned as it is."""
+    if not isinstance(config, dict):
+        return config
+    data = config["data"] if isinstance(config.get("data"), dict) else config
+    for old, new in RENAMED.items():
+        old_key, (group, key) = old.removeprefix("--data."), new.removeprefix("--data.").split(".")
+        if old_key in data and (data.get(group) is None or isinstance(data.get(group), dict)):
+            print(f"resnet: config key data.{old_key} is now data.{group}.{key}", file=sys.stderr)
+            data[group] = {**(data.get(group) or {}), key: data.pop(old_key)}
+    return config
+
+
+def read_renamed_keys() -> None:
+    """Makes the command line's YAML reading (config files and option values, jsonargparse's loader) apply
+    renamed_keys."""
+    import yaml
+    from jsonargparse import get_loader, set_loader
+
+    load = get_loader("yaml")
+    if not getattr(load, "renames_keys", False):
+        def load_renamed(text: str):
+            return renamed_keys(load(text))
+
+        load_renamed.renames_keys = True  # type: ignore[attr-defined]
+        set_loader("yaml", load_renamed, exceptions=(yaml.YAMLError,))
+
+
 # `resnet prepare` and `resnet bench`: subcommand -> ("module:function", one line for `resnet --help`). Imported only
 # when run (FFCV's numba, the benchmarks' modules).
 PREPARE = {

@@ -218,7 +218,7 @@ def evaluate(
     result = {
         "model": loaded.name, "source": ckpt or weights, "arch": loaded.arch, "protocol": protocol, "views": views.views_per_image,
         "views_detail": views.describe(), **metrics, "images_per_sec": module.images_per_sec,
-        "precision": str(trainer_args["precision"]), "world_size": runner.world_size, "published": loaded.published,
+        "precision": str(trainer_args["precision"]), "world_size": runner.world_size, "published": loaded.published, "weights_resize_size": loaded.resize_size,
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
         "ids": datamodule.ids, "labels": res["labels"], "classes": datamodule.classes, "probs": res["probs"].half(),
         "resize_size": views.resize_size, "crop_size": views.crop_size, "scales": list(views.scales),
@@ -248,6 +248,10 @@ def print_result(result: dict, output: Optional[str]) -> None:
         console.print(f"published (torchvision, center crop, resize {pub['resize_size']}): acc1 {pub['acc@1']}, acc5 {pub['acc@5']}")
         if result["protocol"] != "multiscale" and pub["resize_size"] != result["resize_size"]:
             console.print(f"torchvision's number used resize {pub['resize_size']}: add --resize_size {pub['resize_size']} to match it")
+    own = result.get("weights_resize_size")
+    if not result["published"] and own and result["protocol"] != "multiscale" and own != result["resize_size"]:
+        console.print(f"the weights' own protocol resizes to {own} (timm: 224 / crop_pct): add --resize_size {own} to "
+                      "match it")
     if output:
         console.print(f"wrote {output} and {Path(output).with_suffix('.json')}")
 

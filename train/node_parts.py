@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from rich.markup import escape
 
+from datamodules import backends
 from datamodules.transforms import PAPER_SCALES
 from train import bench, bench_eval
 from train.model import ImageNetClassifier
@@ -34,7 +35,7 @@ RECIPE = "configs/imagenet_r50.yaml"  # the `fit` and `overhead` parts' recipe: 
 PARTS = ("ceiling", "fit", "data", "eval", "overhead", "gpu_tests")  # gpu_tests: train/node_gpu_tests.py
 Part = Literal["ceiling", "fit", "data", "eval", "overhead", "gpu_tests"]
 Layout = Literal["channels_last", "nchw"]
-LoaderBackend = Literal["torchvision", "dali", "ffcv"]
+BackendName = backends.BackendName
 
 
 class Skipped(Exception):
@@ -160,10 +161,9 @@ def ceiling_rows(s: Sizes) -> list[dict]:
 
 
 def _need_backend(backend: str) -> None:
-    if backend == "dali" and not installed("nvidia.dali"):
-        raise Skipped("DALI not installed (pip install -e '.[dali]')")
-    if backend == "ffcv" and not installed("ffcv"):
-        raise Skipped("FFCV not installed (pip install -e '.[ffcv]', needs libturbojpeg and OpenCV)")
+    kind = backends.BACKENDS[backend]
+    if not kind.available():
+        raise Skipped(f"{kind.requires} not installed ({kind.install})")
 
 
 def _ffcv_ready(s: Sizes, root: str) -> None:

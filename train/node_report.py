@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from datamodules.backends import BACKENDS
 from datamodules.demo import write_bench_dataset
 from datamodules.loaders import usable_cpus
 from datamodules.transforms import PROTOCOLS, Protocol
@@ -269,7 +270,7 @@ def bench_node(
     layouts: list[node_parts.Layout] = ["channels_last", "nchw"],
     compiled_models: Optional[list[Arch]] = None,
     compiled_layouts: list[node_parts.Layout] = ["channels_last"],
-    backends: list[node_parts.LoaderBackend] = ["torchvision", "dali", "ffcv"],
+    backends: list[node_parts.BackendName] = list(BACKENDS),
     protocols: list[Protocol] = list(PROTOCOLS),
     batch_size: Optional[int] = None,
     crop_size: Optional[int] = None,

@@ -88,8 +88,9 @@ def load_checkpoint(path: str) -> LoadedModel:
 
 def load_timm_weights(spec: str) -> LoadedModel:
     """`timm:resnet50.a1_in1k`: timm's pretrained weights of a ResNet-family model, through the Hugging Face Hub's
-    download cache (HF_HUB_OFFLINE=1 reads the cache alone). The resize before the 224 centre crop follows the
-    weights' `crop_pct` (224 / 0.95 -> 235 for a1_in1k); timm evaluates with bicubic resizing, this with bilinear.
+    download cache (HF_HUB_OFFLINE=1 reads the cache alone). `resize_size` is the weights' own resize before the 224
+    centre crop, 224 / `crop_pct` (235 for a1_in1k), which `resnet evaluate` suggests (it resizes to 256 unless
+    told); timm evaluates with bicubic resizing, this with bilinear.
 
     Raises:
         ValueError: a model outside timm's ResNet family, a tag timm does not have, or weights normalised with
@@ -101,6 +102,8 @@ def load_timm_weights(spec: str) -> LoadedModel:
     name = spec.removeprefix(TIMM)
     arch = TIMM + name.partition(".")[0]
     check_arch(arch)
+    if "." not in name and timm.get_pretrained_cfg(name) is not None:  # timm's default weights of the model
+        name = f"{name}.{timm.get_pretrained_cfg(name).tag}"
     if name not in timm.list_pretrained(name.partition(".")[0] + ".*"):
         tags = ", ".join(timm.list_pretrained(name.partition(".")[0] + ".*")) or "none"
         raise ValueError(f"--weights {spec}: timm has no such pretrained weights; it has {tags}")

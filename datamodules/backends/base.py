@@ -32,11 +32,27 @@ class LoaderBackend:
         options: the dataclass of its options, or None.
         augmentations: the DataModule's torchvision-only augmentation settings it implements as well (by name, see
             TORCHVISION_ONLY); any other set to a non-off value is refused.
+        requires: the module an optional extra provides (tests and benchmarks skip the backend without it), and
+            `install` how to get it.
     """
 
     name: ClassVar[str]
     options: ClassVar[Optional[type]] = None
     augmentations: ClassVar[frozenset[str]] = frozenset()
+    requires: ClassVar[Optional[str]] = None
+    install: ClassVar[str] = ""
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether its optional extra is installed (found, not imported: DALI and FFCV take seconds to import)."""
+        import importlib.util
+
+        if cls.requires is None:
+            return True
+        try:
+            return importlib.util.find_spec(cls.requires) is not None
+        except ModuleNotFoundError:  # a parent package (nvidia) absent
+            return False
 
     def __init__(self, datamodule: "ImageNetDataModule", options: Any = None):
         self.dm = datamodule

@@ -26,6 +26,7 @@ class DaliOptions:
 class DaliBackend(LoaderBackend):
     name = "dali"
     options = DaliOptions
+    requires, install = "nvidia.dali", "pip install -e '.[dali]'"
 
     def __init__(self, datamodule, options: DaliOptions = DaliOptions()):
         super().__init__(datamodule, options)

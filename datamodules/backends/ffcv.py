@@ -30,6 +30,7 @@ class FfcvOptions:
 class FfcvBackend(LoaderBackend):
     name = "ffcv"
     options = FfcvOptions
+    requires, install = "ffcv", "pip install -e '.[ffcv]', needs libturbojpeg and OpenCV"
 
     def __init__(self, datamodule, options: FfcvOptions = FfcvOptions()):
         super().__init__(datamodule, options)
