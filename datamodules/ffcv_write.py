@@ -65,7 +65,7 @@ def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
     root = Path(samples[0][0]).parents[2]  # samples are <root>/<split>/<wnid>/<file>
     fix = f"resnet prepare ffcv --root {root} --dst {beton.parent}"
     if not beton.is_file():
-        raise FileNotFoundError(f"{beton}: missing; write it with `{fix}`")
+        raise DatasetLayoutError(f"{beton}: missing; write it with `{fix}`")
     meta = beton.parent / META
     if meta.is_file():  # absent for .beton files written by other tools: the label check below still holds
         saved = json.loads(meta.read_text())["classes"]

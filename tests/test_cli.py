@@ -110,3 +110,23 @@ def test_the_datamodule_refuses_an_unknown_backend_and_settings_a_backend_lacks(
         ImageNetDataModule(str(tmp_path), backend="ffcv", ffcv={"order": "quasi_random"}, repeated_augmentation=2)
     dm = ImageNetDataModule(str(tmp_path), backend="ffcv", ffcv={"dir": "/b"})
     assert str(dm.loaders.dir) == "/b" and dm.loaders.data_dir(tmp_path) == dm.loaders.dir
+
+
+def test_abbreviated_option_names_are_errors_not_guesses():
+    # argparse would read a prefix of one option as that option: a misspelt key must be named, not guessed.
+    demo = ["fit", "--config", str(REPO / "configs/demo.yaml")]
+    for command, bad in (([*demo, "--data.back", "dali", "--print_config"], "--data.back"),
+                         ([*demo, "--trainer.max_epoch", "2", "--print_config"], "--trainer.max_epoch"),
+                         (["prepare", "demo", "--train_per", "2"], "--train_per"),
+                         (["predict", "--weigh", "x.pth", "y.jpg"], "--weigh")):
+        err = run_resnet(*command, expect_rc=2).stderr
+        assert "unrecognized arguments: " + bad in err, err[-500:]
+
+
+def test_of_both_spellings_in_one_config_the_new_one_wins():
+    from train.commands import renamed_keys
+
+    config = {"data": {"ffcv_dir": "/a", "ffcv": {"dir": "/b"}, "dali_device": "cpu"}}
+    assert renamed_keys(config) == {"data": {"ffcv": {"dir": "/b"}, "dali": {"device": "cpu"}}}
+    assert renamed_keys({"backend": "ffcv", "ffcv_order": "random"}) == {"backend": "ffcv", "ffcv": {"order": "random"}}
+    assert renamed_keys("dali") == "dali" and renamed_keys([1]) == [1]

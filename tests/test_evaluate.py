@@ -403,7 +403,7 @@ def test_timm_weights_by_name_from_the_hugging_face_cache(tmp_path):
             "--data.num_workers", "0", "--crop_size", "32", "--resize_size", "36", "--trainer.accelerator", "cpu",
             "--trainer.enable_progress_bar", "false", "--output", str(tmp_path / "r18.pt")]
     proc = run_resnet(*args, env=offline, expect_rc=2)  # not in the cache: said, with the way out
-    assert "--weights timm:resnet18.a1_in1k: cannot get timm's weights" in proc.stderr and "HF_HOME" in proc.stderr
+    assert "--weights timm:resnet18.a1_in1k: not in the Hugging Face Hub cache" in proc.stderr and "HF_HOME" in proc.stderr
     torch.manual_seed(0)
     net = timm.create_model("resnet18")
     hub_cache_with(tmp_path / "hf", "timm/resnet18.a1_in1k", net.state_dict())

@@ -131,7 +131,7 @@ def test_prepare_and_loaders_fail_clearly(betons, demo_copy, tmp_path):
     with pytest.raises(DatasetLayoutError, match=f"(?s)not written, 1 of 30 images unreadable:.*{bad.name}: cannot"):
         prepare_ffcv(str(demo_copy), str(tmp_path / "out"), splits=["val"])
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # nothing half-written left
-    with pytest.raises(FileNotFoundError, match=f"resnet prepare ffcv --root {demo_copy} --dst {tmp_path / 'out'}"):
+    with pytest.raises(DatasetLayoutError, match=f"resnet prepare ffcv --root {demo_copy} --dst {tmp_path / 'out'}"):
         val_loader(spec(demo_copy, "val"), tmp_path / "out/val.beton")
     copy = Path(shutil.copytree(betons[0], tmp_path / "copy"))
     meta = json.loads((copy / "classes.json").read_text())

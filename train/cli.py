@@ -75,7 +75,7 @@ class ResNetCLI(LightningCLI):
             try:
                 ProgressiveResizing(**{k: v for k, v in vars(resizing).items() if not k.startswith("_")})
             except (TypeError, ValueError) as e:
-                self.parser.error(str(e))
+                self.usage_error(str(e))
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = str(root / "checkpoints")
         ckpt_dir = Path(config.checkpoint.dirpath)
@@ -85,11 +85,11 @@ class ResNetCLI(LightningCLI):
             elif config.get("ckpt_path") == "last":
                 config.ckpt_path = resume_path(root, ckpt_dir, "last")
         except (FileExistsError, FileNotFoundError) as e:
-            self.parser.error(str(e))
+            self.usage_error(str(e))
         if self.subcommand == "validate" and not (
             config.ckpt_path or config.model.pretrained or config.random_weights
         ):
-            self.parser.error(
+            self.usage_error(
                 "validate: no weights given, the accuracy would be that of a random initialisation: pass --ckpt_path "
                 "(e.g. runs/imagenet_r50/checkpoints/best.ckpt, or `last`), --model.pretrained FILE, or "
                 "--random_weights true to evaluate random weights on purpose"
@@ -121,13 +121,18 @@ class ResNetCLI(LightningCLI):
         try:
             return len(find_classes(root / split))
         except DatasetLayoutError as e:
-            self.parser.error(f"model.num_classes from data.root: {e}")
+            self.usage_error(f"model.num_classes from data.root: {e}")
+
+    def usage_error(self, message: str) -> None:
+        """A usage error of `resnet fit` / `resnet validate`, named as such (the top-level parser's usage line would
+        read `resnet [-c CONFIG] {fit,validate}`); exit status 2, as argparse's."""
+        exit_with_error(f"resnet {self.subcommand or 'fit'}", f"{message}\n(options: resnet {self.subcommand or 'fit'} --help)")
 
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
         except ValueError as e:  # a constructor's check of its settings (naming the key): a usage error, no traceback
-            self.parser.error(str(e))
+            self.usage_error(str(e))
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
@@ -137,7 +142,8 @@ def prepare_main(args: list[str]) -> None:
     # FFCV's numba and the devkit reader load only when their subcommand may run.
     registry = {"demo": PREPARE["demo"]} if args[:1] == ["demo"] else PREPARE
     try:
-        result = auto_cli(functions(registry), args=args, as_positional=False, prog="resnet prepare")
+        result = auto_cli(functions(registry), args=args, as_positional=False, prog="resnet prepare",
+                          allow_abbrev=False)
         if args[:1] == ["demo"]:  # the other subcommands report as they go
             counts = {split: sum(1 for _ in Path(result, split).glob("*/*.JPEG")) for split in ("train", "val")}
             print(f"resnet prepare demo: {counts['train']} train / {counts['val']} val images in {result}")
@@ -148,7 +154,7 @@ def prepare_main(args: list[str]) -> None:
 def bench_main(args: list[str]) -> None:
     args = underscore_options(args)
     try:
-        auto_cli(functions(BENCH), args=args, as_positional=False, prog="resnet bench")
+        auto_cli(functions(BENCH), args=args, as_positional=False, prog="resnet bench", allow_abbrev=False)
     except (Requeued, Preempted) as saved:  # a benchmark's fit got the job's signal: stop the benchmark, not a row
         print(f"resnet bench: stopped by a job signal ({type(saved).__name__}: {saved})", file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
@@ -157,7 +163,7 @@ def bench_main(args: list[str]) -> None:
 
 
 def ensemble_main(args: list[str]) -> None:
-    parser = ArgumentParser(prog="resnet ensemble", description=ensemble.__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="resnet ensemble", allow_abbrev=False, description=ensemble.__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="result files of `resnet evaluate --output`")
     parser.add_argument("--weights", type=Optional[str], help="one weight per file, e.g. 1,1,2 (default: equal)")
     parser.add_argument("--output", type=Optional[str], help="Markdown table to write (e.g. results/ensemble.md); JSON beside it")
@@ -183,6 +189,9 @@ def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
         # The DataModule shards itself: Lightning's DistributedSampler would pad validation with duplicates.
         trainer_defaults={"use_distributed_sampler": False},
         seed_everything_default=0,
+        # No abbreviated option names (argparse's default would read `--data.back dali` as `--data.backend dali`):
+        # a misspelt key is an error that names it.
+        parser_kwargs={"allow_abbrev": False, "fit": {"allow_abbrev": False}, "validate": {"allow_abbrev": False}},
         args=args,
         run=run,
     )

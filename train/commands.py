@@ -45,8 +45,12 @@ def renamed_keys(config):
     for old, new in RENAMED.items():
         old_key, (group, key) = old.removeprefix("--data."), new.removeprefix("--data.").split(".")
         if old_key in data and (data.get(group) is None or isinstance(data.get(group), dict)):
+            value, given = data.pop(old_key), data.get(group) or {}
+            if key in given:  # both spellings: the new one wins
+                print(f"resnet: config key data.{old_key} ignored: data.{group}.{key} is given too", file=sys.stderr)
+                continue
             print(f"resnet: config key data.{old_key} is now data.{group}.{key}", file=sys.stderr)
-            data[group] = {**(data.get(group) or {}), key: data.pop(old_key)}
+            data[group] = {**given, key: value}
     return config
 
 

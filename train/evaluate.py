@@ -257,7 +257,7 @@ def print_result(result: dict, output: Optional[str]) -> None:
 
 
 def evaluate_parser() -> LightningArgumentParser:
-    parser = LightningArgumentParser(prog="resnet evaluate", description=evaluate.__doc__.split("\n")[0])
+    parser = LightningArgumentParser(prog="resnet evaluate", allow_abbrev=False, description=evaluate.__doc__.split("\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="yaml file with any of the options below")
     parser.add_function_arguments(evaluate, skip={"data", "trainer"})
     parser.add_class_arguments(EvalDataModule, "data", skip={"views", "classes"})

@@ -43,6 +43,10 @@ def check_arch(arch: str) -> str:
             return arch
         import difflib
 
+        if arch.partition(".")[0] in known:  # `timm:resnet50.a1_in1k`: a weights tag, not a network
+            raise ValueError(f"model.arch={arch!r}: .{arch.partition('.')[2]} names weights, not a network: use "
+                             f"{arch.partition('.')[0]} (pretrained weights: --model.pretrained FILE; to evaluate "
+                             f"them: resnet evaluate --weights {arch})")
         near = difflib.get_close_matches(arch, known, n=4, cutoff=0.6)
         raise ValueError(f"model.arch={arch!r}: not in timm's ResNet family ({len(known)} models of "
                          f"timm.models.resnet){'; nearest: ' + ', '.join(near) if near else ''}")

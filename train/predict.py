@@ -221,7 +221,7 @@ def predict_main(args: list[str]) -> None:
 
     from train.evaluate import exit_with_error
 
-    parser = ArgumentParser(prog="resnet predict", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser = ArgumentParser(prog="resnet predict", allow_abbrev=False, description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--config", action=ActionConfigFile, help="yaml file with any of the options below")
     parser.add_argument("inputs", nargs="+", help="image files, folders (recursive) and .txt lists of paths")
     parser.add_function_arguments(predict, skip={"inputs"})

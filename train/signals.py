@@ -138,8 +138,11 @@ def main() -> None:
     if sys.argv[1:2] == ["fit"]:
         install_startup_handlers()
     try:
-        from train.cli import main as cli_main  # torch, Lightning, ...: seconds on a cold shared file system
-
+        try:
+            from train.cli import main as cli_main  # torch, Lightning, ...: seconds on a cold shared file system
+        except KeyboardInterrupt:  # Ctrl-C before the command started: nothing to save or clean up
+            print("\nresnet: interrupted", file=sys.stderr)
+            sys.exit(130)
         cli_main()
     except (Requeued, Preempted) as exc:
         end_on_job_signal(exc)

@@ -115,9 +115,12 @@ def load_timm_weights(spec: str) -> LoadedModel:
         net = timm.create_model(name, pretrained=True)
     except Exception as e:  # huggingface_hub's offline and HTTP errors have no common base beyond these
         if isinstance(e, (OSError, ConnectionError)) or "offline" in str(e).lower() or "connect" in str(e).lower():
+            from huggingface_hub import constants
+
             raise ConnectionError(
-                f"--weights {spec}: cannot get timm's weights from the Hugging Face Hub cache or download them ({e}); "
-                "on an offline node, download them where there is a network (same HF_HOME) and rerun"
+                f"--weights {spec}: not in the Hugging Face Hub cache {constants.HF_HUB_CACHE} and not downloadable "
+                f"({type(e).__name__}); download them where there is a network (same HF_HOME) and rerun; "
+                "HF_HUB_OFFLINE=1 reads the cache without trying the network"
             ) from e
         raise
     state = net.state_dict()
@@ -149,6 +152,7 @@ def load_weights(spec: str) -> LoadedModel:
         arch = infer_arch(state)
         return LoadedModel(_net_from_state(state, arch, spec), arch, f"{arch} ({Path(spec).name})", None)
     arch, _, tag = spec.removeprefix("torchvision:").partition(".")
+    tag = tag or "DEFAULT"  # torchvision's recommended weights of the model, as timm's default tag
     if arch not in ARCHS:
         raise ValueError(f"--weights {spec}: unknown model {arch!r}; expected one of {', '.join(ARCHS)}")
     enum = torchvision.models.get_model_weights(arch)
