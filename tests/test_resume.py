@@ -244,6 +244,12 @@ def test_crops_are_a_function_of_seed_epoch_and_index_not_of_the_workers(demo_ro
     assert torch.equal(torch.rand(1), before)
 
 
+def execed(pid: int) -> bool:
+    """Whether process `pid` runs `resnet` already: between fork and exec its status (handlers, mask) is the test
+    process's."""
+    return str(RESNET).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def handles(pid: int, signum: int) -> bool:
     """Whether process `pid` has a handler for `signum` (Linux: the SigCgt mask of /proc/PID/status)."""
     caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt"))
@@ -261,8 +267,9 @@ def test_a_signal_during_start_up_ends_the_job_cleanly(demo_root, tmp_path, sign
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     signum = getattr(signal, signal_name)
     deadline = time.monotonic() + 60
-    while not handles(proc.pid, signum) and time.monotonic() < deadline:  # its handler is in: torch still imports
-        time.sleep(0.01)
+    while not (execed(proc.pid) and handles(proc.pid, signum)) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until its start-up handler is in: torch still imports
+    assert handles(proc.pid, signum), "no start-up handler within 60 s"  # else a late signal would test another path
     proc.send_signal(signum)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == code, out[-3000:]
