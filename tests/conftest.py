@@ -14,8 +14,10 @@ from pathlib import Path
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from datamodules.demo import write_demo_dataset
 from tests.resnet_forks import ResnetForks
@@ -106,3 +108,14 @@ def last_metrics(log_root: Path) -> dict[str, float]:
         for row in csv.DictReader(f):
             values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
     return values
+
+
+def write_imagenet_val(root: Path, per_class: int = 1) -> Path:
+    """A 1000-class val folder of tiny JPEGs: what torchvision's ImageNet weights are evaluated on."""
+    rng = np.random.default_rng(3)
+    for c in range(1000):
+        folder = root / "val" / f"n{c:08d}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"v{i}.JPEG", quality=90)
+    return root

@@ -16,7 +16,7 @@ from datamodules.evaluation import EvalDataModule
 from datamodules.folder import decode
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.transforms import EvalViews, normalize_batch
-from tests.conftest import REPO, run_resnet, tiny_fit_args
+from tests.conftest import REPO, run_resnet, tiny_fit_args, write_imagenet_val
 from train.evaluate import ViewAveraging, evaluate
 from train.networks import build_resnet
 from train.results import ensemble, save_result, topk_accuracy
@@ -303,17 +303,6 @@ def test_two_process_evaluation_saves_what_one_process_saves(demo_copy, demo_ckp
         assert two["acc1"] == one["acc1"] and two["acc5"] == one["acc5"]
 
 
-def write_imagenet_val(root: Path, per_class: int = 1) -> Path:
-    """A 1000-class val folder of tiny JPEGs: what torchvision's ImageNet weights are evaluated on."""
-    rng = np.random.default_rng(3)
-    for c in range(1000):
-        folder = root / "val" / f"n{c:08d}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"v{i}.JPEG", quality=90)
-    return root
-
-
 def test_torchvision_weights_by_name_from_the_download_cache(tmp_path, monkeypatch):
     # Offline: torchvision's download cache already holds the file (here: random weights under the real name).
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
@@ -380,46 +369,3 @@ def test_a_checkpoint_refuses_a_dataset_with_other_classes(demo_root):
     dm.load_state_dict(dm.state_dict())  # the same classes: fine
     with pytest.raises(ValueError, match="classes differ from the 7 the checkpoint was trained on"):
         dm.load_state_dict({"classes": dm.classes + ["n99999999"]})
-
-
-def hub_cache_with(home: Path, repo: str, state: dict) -> None:
-    """A Hugging Face Hub cache under HF_HOME `home` holding `repo`'s model.safetensors, as `hf download` leaves it."""
-    from safetensors.torch import save_file
-
-    model = home / "hub" / f"models--{repo.replace('/', '--')}"
-    (model / "refs").mkdir(parents=True)
-    (model / "refs/main").write_text("0" * 40)
-    (model / "snapshots" / ("0" * 40)).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, model / "snapshots" / ("0" * 40) / "model.safetensors")
-
-
-def test_timm_weights_by_name_from_the_hugging_face_cache(tmp_path):
-    import timm
-
-    # Offline (HF_HUB_OFFLINE=1): the Hub cache holds timm's file (random weights under the real repo name).
-    offline = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
-    root = write_imagenet_val(tmp_path / "imagenet")
-    args = ["evaluate", "--weights", "timm:resnet18.a1_in1k", "--data.root", str(root), "--data.batch_size", "100",
-            "--data.num_workers", "0", "--crop_size", "32", "--resize_size", "36", "--trainer.accelerator", "cpu",
-            "--trainer.enable_progress_bar", "false", "--output", str(tmp_path / "r18.pt")]
-    proc = run_resnet(*args, env=offline, expect_rc=2)  # not in the cache: said, with the way out
-    assert "--weights timm:resnet18.a1_in1k: not in the Hugging Face Hub cache" in proc.stderr and "HF_HOME" in proc.stderr
-    torch.manual_seed(0)
-    net = timm.create_model("resnet18")
-    hub_cache_with(tmp_path / "hf", "timm/resnet18.a1_in1k", net.state_dict())
-    proc = run_resnet(*args, env=offline)
-    assert "the weights' own protocol resizes to 235 (timm: 224 / crop_pct): add --resize_size 235" in proc.stdout
-    summary = json.loads((tmp_path / "r18.json").read_text())
-    assert summary["arch"] == "timm:resnet18" and summary["model"] == "timm:resnet18 a1_in1k (timm)"
-    result = torch.load(tmp_path / "r18.pt", weights_only=True)
-    assert result["probs"].shape == (1000, 1000)
-    preprocess = v2.Compose([v2.Resize(36, antialias=True), v2.CenterCrop(32)])
-    with torch.no_grad():  # timm's network on the protocol's crops, image by image
-        for i in range(0, 1000, 97):
-            image = decode(str(root / "val" / result["ids"][i]))
-            expected = net.eval()(normalize_batch(preprocess(image)[None])).softmax(1)[0]
-            assert torch.allclose(result["probs"][i].float(), expected, atol=1e-3)
-    with pytest.raises(ValueError, match="timm has no such pretrained weights; it has resnet18.a1_in1k"):
-        load_weights("timm:resnet18.b9_in1k")
-    with pytest.raises(ValueError, match="not in timm's ResNet family"):
-        load_weights("timm:vit_base_patch16_224.augreg_in21k")
