@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -244,16 +243,22 @@ def test_crops_are_a_function_of_seed_epoch_and_index_not_of_the_workers(demo_ro
     assert torch.equal(torch.rand(1), before)
 
 
-def execed(pid: int) -> bool:
-    """Whether process `pid` runs `resnet` already: between fork and exec its status (handlers, mask) is the test
-    process's."""
-    return str(RESNET).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
-
-
-def handles(pid: int, signum: int) -> bool:
-    """Whether process `pid` has a handler for `signum` (Linux: the SigCgt mask of /proc/PID/status)."""
-    caught = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigCgt"))
-    return bool(int(caught.split()[1], 16) >> (signum - 1) & 1)
+# Runs COMMAND... in the background and sends it SIG as soon as it has a handler for SIG (the SigCgt mask of
+# /proc/PID/status, read once it runs the command: between fork and exec the status is the parent's); exits with its
+# status, or 99 when none came within ~60 s. Timed by a process of its own: a test process that a busy thread holds
+# off (seen twice in `make test`: a minute) would signal a run long past its start-up.
+SIGNAL_WHEN_HANDLED = r"""
+sig=$1; shift
+"$@" & pid=$!
+for i in $(seq 6000); do
+  if grep -qF "$1" /proc/$pid/cmdline 2>/dev/null; then
+    mask=$(awk '/^SigCgt/ {print $2}' /proc/$pid/status 2>/dev/null)
+    if [ -n "$mask" ] && (( (16#$mask >> (sig - 1)) & 1 )); then kill -$sig $pid; wait $pid; exit $?; fi
+  fi
+  sleep 0.01
+done
+echo "no start-up handler within 60 s"; kill -KILL $pid; exit 99
+"""
 
 
 @pytest.mark.parametrize("signal_name, code", [("SIGUSR1", REQUEUE_EXIT), ("SIGTERM", 128 + signal.SIGTERM)])
@@ -263,16 +268,14 @@ def test_a_signal_during_start_up_ends_the_job_cleanly(demo_root, tmp_path, sign
     143 (SLURM requeues a preempted job)."""
     request = tmp_path / "requeue.request"
     env = {**os.environ, **SLURM_ONE_TASK, "RESNET_REQUEUE_FILE": str(request), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([RESNET, *tiny_fit_args(demo_root, tmp_path / "run")], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     signum = getattr(signal, signal_name)
-    deadline = time.monotonic() + 60
-    while not (execed(proc.pid) and handles(proc.pid, signum)) and time.monotonic() < deadline:
-        time.sleep(0.01)  # until its start-up handler is in: torch still imports
-    assert handles(proc.pid, signum), "no start-up handler within 60 s"  # else a late signal would test another path
-    proc.send_signal(signum)
-    out = proc.communicate(timeout=120)[0]
+    proc = subprocess.Popen(  # signalled once its start-up handler is in: torch still imports
+        ["bash", "-c", SIGNAL_WHEN_HANDLED, "signal-when-handled", str(int(signum)), RESNET,
+         *tiny_fit_args(demo_root, tmp_path / "run")], cwd=REPO, env=env, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT)
+    out = proc.communicate(timeout=180)[0]
     assert proc.returncode == code, out[-3000:]
+    assert "Seed set to" not in out, out[-3000:]  # it ended during the imports, before the command line was read
     assert "Traceback" not in out, out[-3000:]
     if signal_name == "SIGUSR1":
         assert request.read_text().strip() == NOTHING_NEW
