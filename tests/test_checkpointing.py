@@ -4,13 +4,14 @@ checks. The SLURM signal -> save -> requeue -> resume path runs for real in test
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import pytest
 import torch
 
 from tests.conftest import run_resnet, tiny_fit_args
-from train.checkpointing import AtomicCheckpointIO, hpc_checkpoints, resume_path
+from train.checkpointing import AtomicCheckpointIO, CheckpointSpaceError, hpc_checkpoints, resume_path
 from train.requeue import RequeueOnSignal
 
 
@@ -79,3 +80,29 @@ def test_the_command_line_writes_checkpoints_atomically(demo_root, tmp_path):
 
     cli = build_cli(tiny_fit_args(demo_root, tmp_path / "run")[1:], run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(tmp_path):
+    # A real ENOSPC from the kernel: the partial file's name points at /dev/full, whose every write fails so.
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1}, path)
+    (tmp_path / ".last.ckpt.partial").symlink_to("/dev/full")
+    with pytest.raises(CheckpointSpaceError, match=rf"no room to write checkpoint {path} \(No space left on device: "
+                                                   r"[\d,]+ MiB free there; the previous last.ckpt \(0.0 MiB\) is kept"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(2**20)}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_fit_on_a_full_disk_ends_with_one_line_naming_the_checkpoint(demo_root, tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for name in ("best", "last"):
+        (ckpts / f".{name}.ckpt.partial").symlink_to("/dev/full")
+    done = run_resnet(*tiny_fit_args(demo_root, tmp_path / "run", "--trainer.max_epochs", "1",
+                                     "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2"),
+                      expect_rc=1)
+    assert re.search(rf"^resnet fit: error: no room to write checkpoint {ckpts}/(best|last)\.ckpt \(No space left "
+                     rf"on device: [\d,]+ MiB free there\)\. Free space or move the run", done.stderr, re.M), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not any(p.name.endswith(".ckpt") for p in ckpts.iterdir())

@@ -4,9 +4,11 @@ resumes from the newest valid one, at the exact position in the epoch's data ord
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,9 +23,27 @@ HPC_CKPT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
 PERIODIC = "periodic.ckpt"  # in the checkpoint folder, replaced every requeue.checkpoint_every_minutes
 
 
+class CheckpointSpaceError(OSError):
+    """A checkpoint did not fit: the file system (or the user's quota on it) is full. The previous file of that name
+    is left as it was; the message names the path, the space left and the size of that previous file."""
+
+
+def _space_error(path: Path, error: OSError) -> CheckpointSpaceError:
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    before = f"; the previous {path.name} ({path.stat().st_size / 2**20:,.1f} MiB) is kept" if path.exists() else ""
+    return CheckpointSpaceError(
+        error.errno, f"no room to write checkpoint {path} ({os.strerror(error.errno)}: {free}{before}). Free space "
+        f"or move the run (--trainer.default_root_dir), then run the same command again: it resumes from the newest "
+        f"checkpoint")
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes `x.ckpt` as `.x.ckpt.partial`, fsyncs it, then renames it: a job killed mid-write (time limit,
-    preemption, node failure) leaves the previous `x.ckpt` intact instead of a truncated one."""
+    preemption, node failure) leaves the previous `x.ckpt` intact instead of a truncated one. A full file system or
+    quota (ENOSPC, EDQUOT: on NFS and Lustre often only at fsync) raises CheckpointSpaceError, naming the path."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         if "://" in str(path) or storage_options is not None:  # object stores: their own semantics
@@ -37,6 +57,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _space_error(path, e) from e
+            raise
         finally:
             partial.unlink(missing_ok=True)  # gone after the rename; a failed write leaves no debris
 

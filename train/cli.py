@@ -25,7 +25,8 @@ from train.predict import predict_main
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
 from train.model import ImageNetClassifier
-from train.checkpointing import AtomicCheckpointIO, BestAndLastCheckpoint, close_process_group, resume_path
+from train.checkpointing import (AtomicCheckpointIO, BestAndLastCheckpoint, CheckpointSpaceError, close_process_group,
+                                 resume_path)
 from train.requeue import RequeueOnSignal
 from train.signals import Preempted, Requeued, end_on_job_signal, ignore_job_signals
 from train.wandb_logging import configure_wandb, log_ensemble, log_safely, run_dir_of, wanted
@@ -232,6 +233,10 @@ def main(args: Optional[list[str]] = None) -> None:
     except (DatasetLayoutError, CorruptImageError) as e:  # the data, not the code: its path and the fix, no traceback
         close_process_group()
         exit_with_error(f"resnet {argv[0] if argv else 'fit'}", _worker_cause(e))
+    except CheckpointSpaceError as e:  # the disk, not the code or the data: what to free, and that a rerun resumes
+        close_process_group()
+        print(f"resnet {argv[0]}: error: {e.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
     close_process_group()
 
 
