@@ -43,6 +43,14 @@ def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
     assert len(history) == 3 and history[1].startswith("0,9,") and history[2].startswith("1,18,")
     assert (run_dir / "logs/version_1/curves.png").stat().st_size > 10_000
     assert (run_dir / "logs/version_1/config.yaml").is_file()
+    # An explicit checkpoint file: its model settings replace the command line's (Lightning's rule), said in a line;
+    # a max_epochs the checkpoint has passed is a one-line error, not Lightning's traceback.
+    proc = run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "0", "--model.lr_per_256", "0.123",
+                                     "--ckpt_path", str(ckpt_dir / "last.ckpt")), expect_rc=2)
+    assert (f"resnet fit: the model settings of {ckpt_dir / 'last.ckpt'} replace the configuration's (Lightning's "
+            "rule for --ckpt_path): model.lr_per_256 0.123 -> 0.4\n") in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "resnet fit: error: You restored a checkpoint with current_epoch=1, but you have set Trainer(max_epochs=0).")
 
 
 @pytest.mark.slow
@@ -58,7 +66,9 @@ def test_ddp_two_processes_match_one_process_validation(demo_copy, tmp_path):
     ckpt = run_dir / "checkpoints/last.ckpt"
     assert torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"] == 9  # 72 images / global batch 8: as on one process
     proc = run_resnet("validate", "--config", str(run_dir / "logs/version_0/config.yaml"), "--ckpt_path", str(ckpt),
-                      "--trainer.devices", "1", "--trainer.strategy", "auto")
+                      "--trainer.devices", "1", "--trainer.strategy", "auto", "--model.arch", "resnet34")
+    # The checkpoint's network is validated (LightningCLI's rule), and the replaced setting is said.
+    assert "model.arch 'resnet34' -> 'resnet18'" in proc.stdout + proc.stderr
     single = last_metrics(run_dir)
     assert f"validate: val/acc1 {100 * single['val/acc1']:.2f}%, val/acc5 {100 * single['val/acc5']:.2f}%" in proc.stdout
     assert single["val/images"] == 29

@@ -13,8 +13,10 @@ from typing import Optional
 
 import torch
 from jsonargparse import ArgumentParser, Namespace, auto_cli
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from datamodules import ImageNetDataModule
 from datamodules.folder import CorruptImageError, DatasetLayoutError, find_classes
@@ -38,6 +40,12 @@ class ResNetCLI(LightningCLI):
         """fit and validate: Lightning's `test` and `predict` have no data behind them here (`resnet predict` is a
         command of its own)."""
         return {k: v for k, v in LightningCLI.subcommands().items() if k in ("fit", "validate")}
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """The command line as given; then Lightning replaces the model settings with those of an explicit
+        `--ckpt_path FILE` (LightningCLI's rule): the ones that change are said, not dropped silently."""
+        super().parse_arguments(parser, args)
+        self.checkpoint_overrides = checkpoint_overrides(self.config)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The module scales its lr by the global batch, which only the data config sets.
@@ -65,6 +73,9 @@ class ResNetCLI(LightningCLI):
         """Everything of a run lives under trainer.default_root_dir: checkpoints/ (fixed, so `--ckpt_path last`
         finds them across restarts) and logs/version_N/ (config.yaml, metrics.csv, history.csv, curves.png)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if getattr(self, "checkpoint_overrides", None):
+            rank_zero_info(f"resnet {self.subcommand}: the model settings of {config.ckpt_path} replace the "
+                           f"configuration's (Lightning's rule for --ckpt_path): {'; '.join(self.checkpoint_overrides)}")
         root = Path(config.trainer.default_root_dir or "runs/default")
         config.trainer.default_root_dir = str(root)
         if config.trainer.enable_progress_bar is None:
@@ -180,6 +191,36 @@ def ensemble_main(args: list[str]) -> None:
         log_safely("ensemble table", log_ensemble, out, cfg.files, weights, run_dir_of(None, cfg.output))
 
 
+# What a validation's numbers depend on; the other model settings (optimizer, schedule, ...) only act in training.
+VALIDATION_KEYS = ("arch", "num_classes", "blurpool", "val_flip_average", "channels_last", "compile")
+
+
+def _plain(value):
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def checkpoint_overrides(config: Namespace) -> list[str]:
+    """The model settings that an explicit `--ckpt_path FILE` will replace (LightningCLI loads the checkpoint's
+    hyper_parameters over the parsed configuration), as "model.KEY: configured -> checkpoint's" lines; for
+    `validate` only those that change its numbers (VALIDATION_KEYS). Empty without a checkpoint file."""
+    subcommand = config.get("subcommand")
+    ckpt = config[subcommand].get("ckpt_path") if subcommand else None
+    if not ckpt or not Path(ckpt).is_file():
+        return []
+    try:
+        hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
+    except Exception:  # not a checkpoint torch can read: Lightning's own load says so next
+        return []
+    model = _plain(config[subcommand].model)
+    return [f"model.{key} {model[key]!r} -> {value!r}" for key, value in hparams.items()
+            if key in model and model[key] is not None and _plain(value) != model[key]
+            and (subcommand != "validate" or key in VALIDATION_KEYS)]  # None: unset, follows the checkpoint
+
+
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
     """The training command line; `run=False` parses and instantiates without a subcommand (for tests)."""
     return ResNetCLI(
@@ -233,6 +274,9 @@ def main(args: Optional[list[str]] = None) -> None:
     except (DatasetLayoutError, CorruptImageError) as e:  # the data, not the code: its path and the fix, no traceback
         close_process_group()
         exit_with_error(f"resnet {argv[0] if argv else 'fit'}", _worker_cause(e))
+    except MisconfigurationException as e:  # Lightning's check of settings against each other or a checkpoint's
+        close_process_group()
+        exit_with_error(f"resnet {argv[0]}", e)
     except CheckpointSpaceError as e:  # the disk, not the code or the data: what to free, and that a rerun resumes
         close_process_group()
         print(f"resnet {argv[0]}: error: {e.strerror}", file=sys.stderr)
