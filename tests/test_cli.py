@@ -95,6 +95,13 @@ def test_backend_options_sit_under_the_backends_name_and_old_spellings_still_run
         assert f"config key data.{'dali_device' if 'dali' in expected else 'ffcv_dir'} is now" in proc.stderr
     err = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--data.backend", "pil", expect_rc=2).stderr
     assert "torchvision" in err and "ffcv" in err  # the registry's names offered
+    # A backend's options as something other than a mapping (jsonargparse lets a list through to instantiation)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  ffcv: [1, 2]\n")
+    err = run_resnet("fit", "--config", str(REPO / "configs/demo.yaml"), "--config", str(bad), "--data.root",
+                     str(tmp_path), "--model.num_classes", "6", expect_rc=2).stderr
+    assert ("resnet fit: error: data.ffcv: expected a mapping of FfcvOptions's fields (dir, order, os_cache), got "
+            "[1, 2]") in err and "Traceback" not in err
 
 
 def test_the_datamodule_refuses_an_unknown_backend_and_settings_a_backend_lacks(tmp_path):

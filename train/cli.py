@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from datamodules import ImageNetDataModule
+from datamodules.backends import BACKENDS
 from datamodules.folder import CorruptImageError, DatasetLayoutError, find_classes
 from datamodules.transforms import ProgressiveResizing
 from train.evaluate import evaluate_main, exit_with_error
@@ -82,6 +84,12 @@ class ResNetCLI(LightningCLI):
             # Interactive runs only: in a batch job (sbatch, docker without -t, a pipe) the bar fills the log, and
             # reading its metrics each step synchronises the GPU with the host.
             config.trainer.enable_progress_bar = sys.stderr.isatty()
+        for name, backend in BACKENDS.items():  # data.<backend>: a mapping of its options' fields (YAML can give a list)
+            given = config.data.get(name)
+            if backend.options is not None and given is not None and not isinstance(given, (Namespace, dict)):
+                fields = ", ".join(f.name for f in dataclasses.fields(backend.options))
+                self.usage_error(f"data.{name}: expected a mapping of {backend.options.__name__}'s fields ({fields}), "
+                                 f"got {given!r}")
         resizing = config.data.get("progressive_resizing")
         if resizing is not None:  # its own checks, as a usage error rather than a traceback from instantiation
             try:
