@@ -27,7 +27,12 @@ def test_help_lists_every_command_once_with_a_line():
 def test_lightnings_test_and_predict_are_not_offered():
     proc = run_resnet("test", "--config", "configs/demo.yaml", expect_rc=2)
     assert "resnet: error: no command 'test'" in proc.stderr
-    assert "{fit,validate}" in run_resnet("--config", "configs/demo.yaml", expect_rc=2).stderr
+    # Options before any command: every command is offered, not LightningCLI's fit and validate alone
+    for args in (["--config", "configs/demo.yaml"], ["-c", "configs/demo.yaml", "test"]):
+        err = run_resnet(*args, expect_rc=2).stderr
+        assert err.startswith(f"resnet: error: no command before {args[0]} (e.g. resnet fit {' '.join(args[:2])})")
+        assert "\n  evaluate " in err and "\n  predict " in err
+    assert run_resnet("-c", "configs/demo.yaml", "fit", "--print_config").stdout.startswith("# lightning.pytorch==")
 
 
 def test_usage_and_errors_name_the_whole_command():

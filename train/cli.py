@@ -269,6 +269,11 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv[0] not in COMMANDS and not argv[0].startswith("-"):
         print(f"resnet: error: no command {argv[0]!r}\n\n{overview()}", file=sys.stderr)
         raise SystemExit(2)
+    if argv[0].startswith("-") and not {"fit", "validate"} & set(argv):  # `resnet --config X`: LightningCLI's error
+        # would offer fit and validate alone
+        example = f"resnet fit {' '.join(argv[:2])}" if argv[0] in ("-c", "--config") else "resnet fit --help"
+        print(f"resnet: error: no command before {argv[0]} (e.g. {example})\n\n{overview()}", file=sys.stderr)
+        raise SystemExit(2)
     argv = renamed_options(argv)
     read_renamed_keys()
     try:
