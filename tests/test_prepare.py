@@ -323,3 +323,12 @@ def test_each_file_is_synced_whole_before_its_rename_and_the_folders_after(tmp_p
         ".prepare_tmp/train/n01000003", "train", ".prepare_tmp/train/n02000001", "train",
         ".prepare_tmp/train/n03000002", "train", "val/n01000003", "val/n02000001", "val/n03000002", "val",
     ]
+
+
+def test_prepare_demo_says_what_it_wrote_or_kept(tmp_path):
+    args = ("prepare", "demo", "--dst", str(tmp_path / "d"), "--train_per_class", "2", "--val_per_class", "1")
+    first = run_resnet(*args).stdout
+    assert f"resnet prepare demo: 12 train / 6 val images in {tmp_path / 'd'}" in first and "kept" not in first
+    again = run_resnet(*args).stdout
+    assert f"{tmp_path / 'd'}: the demo dataset with this spec is there already: kept" in again
+    assert "kept" not in run_resnet(*args[:-1], "2").stdout  # another --val_per_class: written again
