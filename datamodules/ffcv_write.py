@@ -60,6 +60,10 @@ class _Images:
         return np.ascontiguousarray(decode(path).permute(1, 2, 0).numpy()), label
 
 
+class DamagedBetonError(DatasetLayoutError):
+    """A .beton that FFCV cannot read whole: cut short or damaged (an interrupted copy, a disk that filled)."""
+
+
 def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
     """Fail clearly unless `beton` holds `samples`' labels in order and its classes.json names them alike."""
     root = Path(samples[0][0]).parents[2]  # samples are <root>/<split>/<wnid>/<file>
@@ -77,9 +81,21 @@ def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
                 f"label {wrong[0]} is {wnids[wrong[0]]} in {root} but {there} in {meta} ({len(saved)} classes: "
                 f"{', '.join(saved[:3])}, ...): rewrite the files with `{fix} --overwrite`"
             )
-    reader = Reader(str(beton))
+    size = beton.stat().st_size
+    damaged = f"{beton}: damaged or cut short ({size:,} bytes: a copy or a write that did not finish)"
+    try:
+        reader = Reader(str(beton))
+    except Exception as e:  # FFCV's reader fails on such a file with numpy's errors (IndexError, ValueError, ...)
+        raise DamagedBetonError(f"{damaged}, FFCV cannot read it ({type(e).__name__}: {e}): `{fix} --overwrite`") from e
     if reader.field_names != ["image", "label"]:
         raise DatasetLayoutError(f"{beton}: fields {reader.field_names}, not ['image', 'label']: `{fix} --overwrite`")
+    # A .beton ends with its allocation table (one row per stored image): a file cut anywhere loses rows of it, which
+    # FFCV's reader does not notice (the images without a row fail, or are read as another's bytes, in training).
+    table = reader.alloc_table
+    if size != reader.header["alloc_table_ptr"] + table.nbytes or not np.isin(
+            np.arange(reader.num_samples), table["sample_id"]).all():
+        raise DamagedBetonError(f"{damaged}: it holds {reader.num_samples} images but the data of only "
+                                 f"{np.unique(table['sample_id']).size}: `{fix} --overwrite`")
     labels = reader.metadata["f1"]  # metadata columns are named by position
     if not np.array_equal(labels, [label for _, label in samples]):
         raise DatasetLayoutError(
@@ -126,9 +142,12 @@ def prepare_ffcv(
     for split in splits:
         samples, beton = found.splits[split], out / f"{split}.beton"
         if beton.is_file() and not overwrite:
-            check_beton(beton, samples)  # kept only while it matches the folder (and the classes.json beside it)
-            print(f"{beton}: kept ({len(samples)} images; --overwrite to rewrite it)", flush=True)
-            continue
+            try:
+                check_beton(beton, samples)  # kept only while it matches the folder (and the classes.json beside it)
+                print(f"{beton}: kept ({len(samples)} images; --overwrite to rewrite it)", flush=True)
+                continue
+            except DamagedBetonError as e:  # nothing in it to keep: written again
+                print(f"{str(e).split(': `')[0]}: writing it again", flush=True)
         print(f"{beton}: writing {len(samples)} images of {len(classes)} classes", flush=True)
         settings = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
                     "compress_probability": compress_probability, "images": len(samples)}

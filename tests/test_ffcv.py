@@ -225,6 +225,29 @@ def test_prepare_cli_stores_16_bit_and_cmyk_and_names_an_empty_file(tmp_path):
     for (mode, data), (path, _) in zip(written, scan_split(root / "val", {"n0": 0})):  # cmyk, deep, rgb
         assert mode == RAW and np.array_equal(data, decode(path).permute(1, 2, 0).numpy().reshape(-1)), path
     assert np.array_equal(written[1][1], ramp(30, 20).reshape(-1))  # 16 bits to 8: the high byte
+    # A full disk (a real ENOSPC: the file being written points at /dev/full): one line, exit 1, the earlier
+    # val.beton kept and no partial file left
+    (tmp_path / "out/val.beton").rename(tmp_path / "kept.beton")
+    (tmp_path / "out/val.beton").write_bytes((tmp_path / "kept.beton").read_bytes()[:100])  # a stale copy: replaced
+    (tmp_path / "out/val.beton.partial").symlink_to("/dev/full")
+    proc = run_resnet(*args, timeout=100, expect_rc=1)
+    assert f"{tmp_path}/out/val.beton: damaged or cut short (100 bytes: a copy or a write that did not finish), FFCV " \
+           "cannot read it (ValueError: negative dimensions are not allowed): writing it again" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "resnet prepare: error: No space left on device: that file system, or your quota on it, is full. Free space "
+        "or write elsewhere, then run the same command again (files already complete are kept)")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["classes.json", "val.beton"]
+    assert (tmp_path / "out/val.beton").stat().st_size == 100
+    # The loaders' check names such a file too (FFCV's reader would fail with numpy's errors, or read a file cut
+    # in its last rows as whole)
+    kept = (tmp_path / "kept.beton").read_bytes()
+    for cut in (100, len(kept) - 10):
+        (tmp_path / "out/val.beton").write_bytes(kept[:cut])
+        with pytest.raises(DatasetLayoutError, match=rf"val.beton: damaged or cut short \({cut:,} bytes"):
+            check_beton(tmp_path / "out/val.beton", scan_split(root / "val", {"n0": 0}))
+    run_resnet(*args, timeout=100)  # room again: written whole
+    check_beton(tmp_path / "out/val.beton", scan_split(root / "val", {"n0": 0}))
+    assert all(np.array_equal(stored(tmp_path / "out/val.beton", i)[1], w[1]) for i, w in enumerate(written))
 
 
 def test_resize_center_crop_is_torchvisions_pixel_for_pixel():

@@ -4,9 +4,11 @@ on 1 or N processes with identical numbers; saves per-image probabilities for `r
 from __future__ import annotations
 
 import datetime
+import errno
 import hashlib
 import inspect
 import logging
+import os
 import re
 import sys
 import time
@@ -278,5 +280,13 @@ def evaluate_main(args: list[str]) -> None:
 
 
 def exit_with_error(prog: str, error: Exception) -> None:
+    """One line on stderr, `PROG: error: ...`, and exit 2 (bad input), or 1 for a full disk or quota (ENOSPC,
+    EDQUOT: whose message says what to do, as the OSError alone names neither the cause nor the file)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {error.filename}" if error.filename else ""
+        print(f"{prog}: error: {os.strerror(error.errno)}{where}: that file system, or your quota on it, is full. "
+              "Free space or write elsewhere, then run the same command again (files already complete are kept)",
+              file=sys.stderr)
+        raise SystemExit(1)
     print(f"{prog}: error: {error}", file=sys.stderr)
     raise SystemExit(2)
