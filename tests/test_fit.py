@@ -51,6 +51,16 @@ def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
             "rule for --ckpt_path): model.lr_per_256 0.123 -> 0.4\n") in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "resnet fit: error: You restored a checkpoint with current_epoch=1, but you have set Trainer(max_epochs=0).")
+    # A checkpoint cut short (a copy that did not finish), or none there: one line each, before Lightning reads it
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes((ckpt_dir / "last.ckpt").read_bytes()[:100_000])
+    for path, cause in ((cut, "not a checkpoint torch can read, damaged or cut short? (RuntimeError: PytorchStreamReader "
+                              "failed reading zip archive: failed finding central directory)"),
+                        (tmp_path / "none.ckpt", "no such file; a run's checkpoints are in its checkpoints/ folder")):
+        for command in ("fit", "validate"):
+            args = tiny_fit_args(demo_root, run_dir, "--ckpt_path", str(path))[1:]
+            err = run_resnet(command, *args, expect_rc=2).stderr
+            assert f"resnet {command}: error: --ckpt_path {path}: {cause}" in err and "Traceback" not in err, err
 
 
 @pytest.mark.slow

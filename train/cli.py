@@ -47,7 +47,11 @@ class ResNetCLI(LightningCLI):
         """The command line as given; then Lightning replaces the model settings with those of an explicit
         `--ckpt_path FILE` (LightningCLI's rule): the ones that change are said, not dropped silently."""
         super().parse_arguments(parser, args)
-        self.checkpoint_overrides = checkpoint_overrides(self.config)
+        try:
+            self.checkpoint_overrides = checkpoint_overrides(self.config)
+        except ValueError as e:  # before Lightning reads the file: its error would be a traceback
+            self.subcommand = self.config.get("subcommand")
+            self.usage_error(str(e))
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The module scales its lr by the global batch, which only the data config sets.
@@ -214,15 +218,24 @@ def _plain(value):
 def checkpoint_overrides(config: Namespace) -> list[str]:
     """The model settings that an explicit `--ckpt_path FILE` will replace (LightningCLI loads the checkpoint's
     hyper_parameters over the parsed configuration), as "model.KEY: configured -> checkpoint's" lines; for
-    `validate` only those that change its numbers (VALIDATION_KEYS). Empty without a checkpoint file."""
+    `validate` only those that change its numbers (VALIDATION_KEYS). Empty without a checkpoint file.
+
+    Raises:
+        ValueError: `ckpt_path` names no file, or one torch cannot read (damaged, cut short).
+    """
     subcommand = config.get("subcommand")
     ckpt = config[subcommand].get("ckpt_path") if subcommand else None
-    if not ckpt or not Path(ckpt).is_file():
+    if not ckpt or ckpt in ("last", "best", "hpc") or re.match(r"^\w+:", ckpt):  # Lightning's names, registry:, s3://
         return []
+    if not Path(ckpt).is_file():
+        raise ValueError(f"--ckpt_path {ckpt}: {'a folder' if Path(ckpt).is_dir() else 'no such file'}; a run's "
+                         "checkpoints are in its checkpoints/ folder (or --ckpt_path last)")
     try:
         hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    except Exception:  # not a checkpoint torch can read: Lightning's own load says so next
-        return []
+    except Exception as e:  # cut short (a copy or a job that ended mid-write), or not a checkpoint
+        cause = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's advice after: long
+        raise ValueError(f"--ckpt_path {ckpt}: not a checkpoint torch can read, damaged or cut short? "
+                         f"({type(e).__name__}: {cause})") from e
     model = _plain(config[subcommand].model)
     return [f"model.{key} {model[key]!r} -> {value!r}" for key, value in hparams.items()
             if key in model and model[key] is not None and _plain(value) != model[key]
