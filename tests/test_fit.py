@@ -43,6 +43,11 @@ def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
     assert len(history) == 3 and history[1].startswith("0,9,") and history[2].startswith("1,18,")
     assert (run_dir / "logs/version_1/curves.png").stat().st_size > 10_000
     assert (run_dir / "logs/version_1/config.yaml").is_file()
+    # A run's checkpoint as --model.pretrained (its network's weights): the accuracy its last validation logged
+    logged = last_metrics(run_dir)
+    proc = run_resnet("validate", *tiny_fit_args(demo_root, tmp_path / "v", "--model.pretrained",
+                                                 str(ckpt_dir / "last.ckpt"))[1:])
+    assert f"validate: val/acc1 {100 * logged['val/acc1']:.2f}%, val/acc5 {100 * logged['val/acc5']:.2f}%" in proc.stdout
     # An explicit checkpoint file: its model settings replace the command line's (Lightning's rule), said in a line;
     # a max_epochs the checkpoint has passed is a one-line error, not Lightning's traceback.
     proc = run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "0", "--model.lr_per_256", "0.123",

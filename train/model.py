@@ -71,7 +71,7 @@ class ImageNetClassifier(pl.LightningModule):
             channels_last: NHWC memory format (faster convolutions with tensor cores).
             compile: torch.compile the network.
             pretrained: file with a state dict of this network to start from (torchvision's keys, or timm's for a
-                timm network).
+                timm network), or a `resnet fit` checkpoint (its network's weights alone, e.g. to fine-tune).
             label_smoothing: cross-entropy label smoothing (0.1 in recent recipes, 0 in the paper).
             lr_per_256: learning rate for a global batch of 256, scaled linearly to `batch_size`.
             batch_size: global batch; linked from `data.batch_size` by the command line.

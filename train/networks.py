@@ -145,10 +145,22 @@ def build_resnet(arch: Arch, num_classes: int = 1000, zero_init_residual: bool =
 
 
 def load_state_dict_file(net: nn.Module, path: str) -> None:
-    """Load a torchvision-format state dict (`conv1.weight`, ..., `fc.bias`) from a file, strictly."""
+    """Load a torchvision-format state dict (`conv1.weight`, ..., `fc.bias`) from a file, strictly; a `resnet fit`
+    checkpoint's network (its `net.` keys) is taken as well.
+
+    Raises:
+        ValueError: no such file, a file torch cannot read (damaged, cut short), or another network's weights.
+    """
     if not Path(path).is_file():
-        raise FileNotFoundError(f"model.pretrained: {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError(f"model.pretrained: {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # cut short (a copy that did not finish), or not a torch file
+        cause = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+        raise ValueError(f"model.pretrained: {path}: not a file torch can read, damaged or cut short? "
+                         f"({type(e).__name__}: {cause})") from e
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "pytorch-lightning_version" in state:
+        state = {k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
     own = net.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
