@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import sys
 import tempfile
 import time
 from multiprocessing import Process, Queue
@@ -19,6 +21,7 @@ import torch
 from datamodules.folder import DatasetLayoutError, decode
 from datamodules.samples import load_samples
 from datamodules.loaders import usable_cpus
+from datamodules.prepare_io import disk_full
 
 _TORCH_THREADS = torch.get_num_threads()  # importing FFCV (ffcv.pipeline.compiler) sets torch to one CPU thread
 from ffcv.fields import IntField, RGBImageField  # noqa: E402
@@ -241,24 +244,34 @@ class _Writer(DatasetWriter):
             self.metadata_sm.unlink()
 
 
+DISK_FULL_EXIT = errno.ENOSPC  # a writer process's exit status when the file system (or quota) is full
+
+
 def _write_chunks(slot: int, in_flight, done, errors: str, tables: str, work: Queue, metadata_sm, metadata_type,
                   fields: dict, allocator: MemoryAllocator, dataset: _Images) -> None:
     """One writer process: FFCV's `worker_job_indexed_dataset`, plus the image in hand and the count done in its
     slots, each image's failure recorded under its path (then the next image: the file is deleted after the
     write), and the allocation table saved to `tables/<slot>.npy`."""
     metadata = np.frombuffer(metadata_sm.buf, dtype=metadata_type)
-    with allocator:  # its exit writes this process's last page into the file
-        for chunk in iter(work.get, None):
-            for dest_ix, source_ix in chunk:
-                in_flight[slot] = source_ix
-                try:
-                    handle_sample(dataset[source_ix], dest_ix, metadata_type.names, metadata, allocator, fields)
-                except Exception as e:  # decode, encode or a page too small: FFCV would leave its writer waiting
-                    path = dataset.samples[source_ix][0]
-                    with open(errors, "a") as f:
-                        f.write(f"{e}\n" if path in str(e) else f"{path}: {type(e).__name__}: {e}\n")
-                done[slot], in_flight[slot] = done[slot] + 1, -1  # -1 while between images or writing its page
-    np.save(os.path.join(tables, f"{slot}.npy"), np.array(allocator.allocations, dtype=ALLOC_TABLE_TYPE))
+    try:
+        with allocator:  # its exit writes this process's last page into the file
+            for chunk in iter(work.get, None):
+                for dest_ix, source_ix in chunk:
+                    in_flight[slot] = source_ix
+                    try:
+                        handle_sample(dataset[source_ix], dest_ix, metadata_type.names, metadata, allocator, fields)
+                    except Exception as e:  # decode, encode or a page too small: FFCV would leave its writer waiting
+                        if disk_full(e) is not None:  # a page that did not fit on the disk: not this image's fault
+                            raise
+                        path = dataset.samples[source_ix][0]
+                        with open(errors, "a") as f:
+                            f.write(f"{e}\n" if path in str(e) else f"{path}: {type(e).__name__}: {e}\n")
+                    done[slot], in_flight[slot] = done[slot] + 1, -1  # -1 while between images or writing its page
+        np.save(os.path.join(tables, f"{slot}.npy"), np.array(allocator.allocations, dtype=ALLOC_TABLE_TYPE))
+    except Exception as e:
+        if disk_full(e) is None:
+            raise
+        sys.exit(DISK_FULL_EXIT)  # said by the parent process, in one line
 
 
 def _supervise(processes: list[Process], in_flight, done, dataset: _Images, beton: Path) -> None:
@@ -269,6 +282,8 @@ def _supervise(processes: list[Process], in_flight, done, dataset: _Images, beto
     try:
         while True:
             for slot, process in enumerate(processes):
+                if process.exitcode == DISK_FULL_EXIT:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(beton))
                 if process.exitcode not in (None, 0):
                     code = process.exitcode
                     how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"failed (exit code {code})"

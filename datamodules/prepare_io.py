@@ -9,7 +9,21 @@ import json
 import os
 from pathlib import Path
 
+from typing import Optional
+
 VERIFIED_RECORD = ".prepare_verified.json"  # in dst; a dot name, so never a class or a sample to the loaders
+
+
+def disk_full(error: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError of a full file system or quota (ENOSPC, EDQUOT) that `error` is or was raised over, else None.
+    torch reports a write that failed part-way as a RuntimeError (e.g. "unexpected pos") over the OSError."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 class ChecksumError(ValueError):

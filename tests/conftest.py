@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # `make test` runs two pytest-xdist workers: each gets its share of the cores for torch's (OpenMP) threads, and the
@@ -69,6 +70,24 @@ def demo_root(tmp_path_factory) -> Path:
 def demo_copy(demo_root, tmp_path) -> Path:
     """A private, modifiable copy of the small demo dataset."""
     return Path(shutil.copytree(demo_root, tmp_path / "imagenet"))
+
+
+@contextmanager
+def small_disk(path: Path, size: str, leave: int | None = None):
+    """A real file system of `size` (a tmpfs, e.g. "20m") mounted at `path`, so that writes there fail with ENOSPC
+    part-way, as on a full disk; `leave`: fill it up to that many bytes free. Skips the test where mounting is not
+    allowed (not root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (root needed): {mounted.stderr.strip()}")
+    try:
+        if leave is not None:
+            (path / ".filler").write_bytes(b"\0" * (shutil.disk_usage(path).free - leave))
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def tiny_fit_args(root: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -1,6 +1,7 @@
 """ILSVRC evaluation: the protocols' views, view averaging, result files, ensembles, and `resnet evaluate` as run."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from datamodules.evaluation import EvalDataModule
 from datamodules.folder import decode
 from datamodules.imagenet import ImageNetDataModule
 from datamodules.transforms import EvalViews, normalize_batch
-from tests.conftest import REPO, run_resnet, tiny_fit_args, write_imagenet_val
+from tests.conftest import REPO, run_resnet, small_disk, tiny_fit_args, write_imagenet_val
 from train.evaluate import ViewAveraging, evaluate
 from train.networks import build_resnet
 from train.results import ensemble, save_result, topk_accuracy
@@ -272,6 +273,14 @@ def test_evaluate_reports_bad_input_clearly(demo_root, demo_ckpt, demo_copy, tmp
     proc = run_resnet(*eval_args(demo_copy, "--ckpt", str(demo_ckpt)), expect_rc=2)  # as a user sees it
     assert "val/n12345678: class 'n12345678' is not among the 6 train classes" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # --output on a disk with 2 KB left: the .pt fills it part-way (torch's RuntimeError over the ENOSPC)
+    with small_disk(tmp_path / "full", "1m", leave=2048) as full:
+        proc = run_resnet(*eval_args(demo_root, "--ckpt", str(demo_ckpt), "--output", str(full / "r.pt")), expect_rc=1)
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"resnet evaluate: error: No space left on device writing {full / 'r.pt'}: that file system, or your "
+            "quota on it, is full. Free space or write elsewhere, then run the same command again (files already "
+            "complete are kept)")
+        assert "wrote" not in proc.stdout and os.listdir(full) == [".filler"]  # no partial file either
 
 
 def test_labels_follow_the_checkpoint_classes_and_any_precision_runs(demo_copy, demo_ckpt):

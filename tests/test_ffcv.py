@@ -29,7 +29,7 @@ from datamodules.ffcv_write import check_beton, prepare_ffcv  # noqa: E402
 from datamodules.folder import DatasetLayoutError, decode, find_classes, scan_split  # noqa: E402
 from datamodules.loaders import LoaderSpec  # noqa: E402
 from datamodules.transforms import val_transform  # noqa: E402
-from tests.conftest import run_resnet, tiny_fit_args  # noqa: E402
+from tests.conftest import run_resnet, small_disk, tiny_fit_args  # noqa: E402
 
 # FFCV 1.0.2 with numba 0.68: a garbage-collected loader's imdecode dispatcher raises KeyError in numba's finaliser
 # ("Exception ignored"), FFCV's own decoders too; nothing fails, the next loaders compile and run.
@@ -248,6 +248,19 @@ def test_prepare_cli_stores_16_bit_and_cmyk_and_names_an_empty_file(tmp_path):
     run_resnet(*args, timeout=100)  # room again: written whole
     check_beton(tmp_path / "out/val.beton", scan_split(root / "val", {"n0": 0}))
     assert all(np.array_equal(stored(tmp_path / "out/val.beton", i)[1], w[1]) for i, w in enumerate(written))
+
+
+def test_prepare_on_a_disk_that_fills_in_a_writer_process_is_one_line(demo_root, tmp_path):
+    # 30 raw images (~2.6 MB) onto a 1 MiB file system: a writer process's page write fails, not an image
+    with small_disk(tmp_path / "small", "1m") as small:
+        proc = run_resnet("prepare", "ffcv", "--root", str(demo_root), "--dst", str(small / "out"), "--splits", "[val]",
+                          "--compress-probability", "0", "--workers", "2", timeout=100, expect_rc=1)
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"resnet prepare: error: No space left on device writing {small / 'out/val.beton'}: that file system, or "
+            "your quota on it, is full. Free space or write elsewhere, then run the same command again (files "
+            "already complete are kept)")
+        assert "unreadable" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+        assert os.listdir(small / "out") == []
 
 
 def test_resize_center_crop_is_torchvisions_pixel_for_pixel():

@@ -4,7 +4,6 @@ resumes from the newest valid one, at the exact position in the epoch's data ord
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -17,6 +16,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from datamodules.prepare_io import disk_full
 
 log = logging.getLogger(__name__)
 HPC_CKPT = re.compile(r"hpc_ckpt_(\d+)\.ckpt$")
@@ -34,10 +35,11 @@ def _space_error(path: Path, error: OSError) -> CheckpointSpaceError:
     except OSError:
         free = "free space unknown"
     before = f"; the previous {path.name} ({path.stat().st_size / 2**20:,.1f} MiB) is kept" if path.exists() else ""
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     return CheckpointSpaceError(
         error.errno, f"no room to write checkpoint {path} ({os.strerror(error.errno)}: {free}{before}). Free space "
-        f"or move the run (--trainer.default_root_dir), then run the same command again: it resumes from the newest "
-        f"checkpoint")
+        f"(or move the run's folder {run} and name the new one in --trainer.default_root_dir), then resume the run: "
+        f"the same command with --ckpt_path last (the slurm/ scripts: RESNET_RUN_DIR={run})")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -57,10 +59,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _space_error(path, e) from e
-            raise
+        except Exception as e:
+            full = disk_full(e)  # torch raises a RuntimeError over it when the disk fills part-way
+            if full is None:
+                raise
+            partial.unlink(missing_ok=True)  # before the free space is measured
+            raise _space_error(path, full) from e
         finally:
             partial.unlink(missing_ok=True)  # gone after the rename; a failed write leaves no debris
 

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from datamodules import ImageNetDataModule
 from datamodules.backends import BACKENDS
+from datamodules.prepare_io import disk_full
 from datamodules.folder import CorruptImageError, DatasetLayoutError, find_classes
 from datamodules.transforms import ProgressiveResizing
 from train.evaluate import evaluate_main, exit_with_error
@@ -279,6 +280,10 @@ def main(args: Optional[list[str]] = None) -> None:
         except KeyboardInterrupt:  # Ctrl-C: said in one line (outputs are written whole or not at all), no traceback
             print(f"\nresnet {argv[0]}: interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except Exception as e:  # a full disk under another error (torch's, FFCV's): one line as well
+            if disk_full(e) is None:
+                raise
+            exit_with_error(f"resnet {argv[0]}", e)
     if argv[0] not in COMMANDS and not argv[0].startswith("-"):
         print(f"resnet: error: no command {argv[0]!r}\n\n{overview()}", file=sys.stderr)
         raise SystemExit(2)
@@ -289,6 +294,7 @@ def main(args: Optional[list[str]] = None) -> None:
         raise SystemExit(2)
     argv = renamed_options(argv)
     read_renamed_keys()
+    command = next((a for a in argv if a in ("fit", "validate")), "fit")  # `resnet -c X fit` too
     try:
         if args is None:  # the command line itself, respelled: Lightning's DDP launcher re-runs sys.argv
             sys.argv[1:] = argv
@@ -299,14 +305,20 @@ def main(args: Optional[list[str]] = None) -> None:
         end_on_job_signal(saved)  # requeue (SIGUSR1) or exit 143 (SIGTERM: SLURM requeues a preempted job)
     except (DatasetLayoutError, CorruptImageError) as e:  # the data, not the code: its path and the fix, no traceback
         close_process_group()
-        exit_with_error(f"resnet {argv[0] if argv else 'fit'}", _worker_cause(e))
+        exit_with_error(f"resnet {command}", _worker_cause(e))
     except MisconfigurationException as e:  # Lightning's check of settings against each other or a checkpoint's
         close_process_group()
-        exit_with_error(f"resnet {argv[0]}", e)
-    except CheckpointSpaceError as e:  # the disk, not the code or the data: what to free, and that a rerun resumes
+        exit_with_error(f"resnet {command}", e)
+    except CheckpointSpaceError as e:  # the disk, not the code or the data: what to free, and how to resume
         close_process_group()
-        print(f"resnet {argv[0]}: error: {e.strerror}", file=sys.stderr)
+        print(f"resnet {command}: error: {e.strerror}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Exception as e:  # a full disk elsewhere (metrics.csv, history.csv, config.yaml, ...): one line too
+        if disk_full(e) is None:
+            raise
+        close_process_group()
+        exit_with_error(f"resnet {command}", e, "resume the run with --ckpt_path last" if command == "fit"
+                        else "run the same command again")
     close_process_group()
 
 

@@ -4,7 +4,6 @@ on 1 or N processes with identical numbers; saves per-image probabilities for `r
 from __future__ import annotations
 
 import datetime
-import errno
 import hashlib
 import inspect
 import logging
@@ -24,6 +23,7 @@ from rich.table import Table
 from torch import nn
 
 from datamodules.evaluation import EvalDataModule, ViewBatch
+from datamodules.prepare_io import disk_full
 from datamodules.transforms import PAPER_SCALES, EvalViews, Protocol, normalize_batch
 from train.callbacks import git_commit
 from train.results import console as results_console, save_result, topk_accuracy
@@ -227,15 +227,16 @@ def evaluate(
         "ten_crop_region": views.ten_crop_region,
         "wandb_run": loaded.wandb_run,  # `resnet ensemble` logs into its project
     }
-    print_result(result, output)
+    print_result(result)
     if output:
         save_result(output, result)
+        results_console().print(f"wrote {output} and {Path(output).with_suffix('.json')}")
     if wanted(wandb, [loaded.wandb_run]):
         log_safely("evaluation", log_evaluation, result, loaded.wandb_run, run_dir_of(ckpt, output))
     return result
 
 
-def print_result(result: dict, output: Optional[str]) -> None:
+def print_result(result: dict) -> None:
     table = Table(title=f"{result['model']}, {result['views_detail']} (in %)")
     for col in ("images", "views", "top-1 err.", "top-5 err.", "acc1", "acc5", "images/s"):
         table.add_column(col, justify="right")
@@ -254,8 +255,6 @@ def print_result(result: dict, output: Optional[str]) -> None:
     if not result["published"] and own and result["protocol"] != "multiscale" and own != result["resize_size"]:
         console.print(f"the weights' own protocol resizes to {own} (timm: 224 / crop_pct): add --resize_size {own} to "
                       "match it")
-    if output:
-        console.print(f"wrote {output} and {Path(output).with_suffix('.json')}")
 
 
 def evaluate_parser() -> LightningArgumentParser:
@@ -279,14 +278,15 @@ def evaluate_main(args: list[str]) -> None:
         exit_with_error("resnet evaluate", e)
 
 
-def exit_with_error(prog: str, error: Exception) -> None:
-    """One line on stderr, `PROG: error: ...`, and exit 2 (bad input), or 1 for a full disk or quota (ENOSPC,
-    EDQUOT: whose message says what to do, as the OSError alone names neither the cause nor the file)."""
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-        where = f" writing {error.filename}" if error.filename else ""
-        print(f"{prog}: error: {os.strerror(error.errno)}{where}: that file system, or your quota on it, is full. "
-              "Free space or write elsewhere, then run the same command again (files already complete are kept)",
-              file=sys.stderr)
+def exit_with_error(prog: str, error: BaseException,
+                    again: str = "run the same command again (files already complete are kept)") -> None:
+    """One line on stderr, `PROG: error: ...`, and exit 2 (bad input); or 1 for a full disk or quota (ENOSPC,
+    EDQUOT, also under another error), with what to do: free space, then `again`."""
+    full = disk_full(error)
+    if full is not None:
+        where = f" writing {full.filename}" if full.filename else ""
+        print(f"{prog}: error: {os.strerror(full.errno)}{where}: that file system, or your quota on it, is full. "
+              f"Free space or write elsewhere, then {again}", file=sys.stderr)
         raise SystemExit(1)
     print(f"{prog}: error: {error}", file=sys.stderr)
     raise SystemExit(2)
