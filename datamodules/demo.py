@@ -131,7 +131,7 @@ def write_bench_dataset(train_per_class: int, val_per_class: int, image_size: tu
     spec = {"train_per_class": train_per_class, "val_per_class": val_per_class, "image_size": [w, h], "shard": _SHARD_IMAGES}
     marker = dst / "bench_spec.json"
     if marker.is_file() and json.loads(marker.read_text()) == spec:
-        print(f"{dst}: the demo dataset with this spec is there already: kept", flush=True)
+        print(f"{dst}: the benchmark dataset with this spec is there already: kept", flush=True)
         return dst
     tmp = dst.with_name(f"{dst.name}.partial-{os.getpid()}")  # several runs on one shared checkout: one each
     shutil.rmtree(tmp, ignore_errors=True)

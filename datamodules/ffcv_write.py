@@ -70,7 +70,8 @@ class DamagedBetonError(DatasetLayoutError):
 def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
     """Fail clearly unless `beton` holds `samples`' labels in order and its classes.json names them alike."""
     root = Path(samples[0][0]).parents[2]  # samples are <root>/<split>/<wnid>/<file>
-    fix = f"resnet prepare ffcv --root {root} --dst {beton.parent}"
+    fix_all = f"resnet prepare ffcv --root {root} --dst {beton.parent}"
+    fix = f"{fix_all} --splits '[{beton.stem}]'"  # that file alone
     if not beton.is_file():
         raise DatasetLayoutError(f"{beton}: missing; write it with `{fix}`")
     meta = beton.parent / META
@@ -82,14 +83,15 @@ def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
             there = saved[wrong[0]] if wrong[0] < len(saved) else "absent"
             raise DatasetLayoutError(
                 f"label {wrong[0]} is {wnids[wrong[0]]} in {root} but {there} in {meta} ({len(saved)} classes: "
-                f"{', '.join(saved[:3])}, ...): rewrite the files with `{fix} --overwrite`"
+                f"{', '.join(saved[:3])}, ...): rewrite the files with `{fix_all} --overwrite`"
             )
     size = beton.stat().st_size
     damaged = f"{beton}: damaged or cut short ({size:,} bytes: a copy or a write that did not finish)"
     try:
         reader = Reader(str(beton))
     except Exception as e:  # FFCV's reader fails on such a file with numpy's errors (IndexError, ValueError, ...)
-        raise DamagedBetonError(f"{damaged}, FFCV cannot read it ({type(e).__name__}: {e}): `{fix} --overwrite`") from e
+        raise DamagedBetonError(f"{damaged}, FFCV cannot read it ({type(e).__name__}: {e}): `{fix}` writes it "
+                                "again") from e
     if reader.field_names != ["image", "label"]:
         raise DatasetLayoutError(f"{beton}: fields {reader.field_names}, not ['image', 'label']: `{fix} --overwrite`")
     # A .beton ends with its allocation table (one row per stored image): a file cut anywhere loses rows of it, which
@@ -98,7 +100,7 @@ def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
     if size != reader.header["alloc_table_ptr"] + table.nbytes or not np.isin(
             np.arange(reader.num_samples), table["sample_id"]).all():
         raise DamagedBetonError(f"{damaged}: it holds {reader.num_samples} images but the data of only "
-                                 f"{np.unique(table['sample_id']).size}: `{fix} --overwrite`")
+                                 f"{np.unique(table['sample_id']).size}: `{fix}` writes it again")
     labels = reader.metadata["f1"]  # metadata columns are named by position
     if not np.array_equal(labels, [label for _, label in samples]):
         raise DatasetLayoutError(

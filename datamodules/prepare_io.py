@@ -18,7 +18,7 @@ def disk_full(error: Optional[BaseException]) -> Optional[OSError]:
     """The OSError of a full file system or quota (ENOSPC, EDQUOT) that `error` is or was raised over, else None.
     torch reports a write that failed part-way as a RuntimeError (e.g. "unexpected pos") over the OSError."""
     seen = set()
-    while error is not None and id(error) not in seen:
+    while isinstance(error, BaseException) and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
             return error

@@ -142,3 +142,24 @@ def test_of_both_spellings_in_one_config_the_new_one_wins():
     assert renamed_keys(config) == {"data": {"ffcv": {"dir": "/b"}, "dali": {"device": "cpu"}}}
     assert renamed_keys({"backend": "ffcv", "ffcv_order": "random"}) == {"backend": "ffcv", "ffcv": {"order": "random"}}
     assert renamed_keys("dali") == "dali" and renamed_keys([1]) == [1]
+
+
+def test_ckpt_path_values_lightning_resolves_pass_and_unreadable_files_are_named(tmp_path):
+    import pytest
+    import torch
+    from jsonargparse import Namespace
+
+    from train.cli import checkpoint_overrides
+
+    config = lambda ckpt: Namespace(subcommand="fit", fit=Namespace(ckpt_path=ckpt, model=Namespace(arch="resnet18")))
+    (tmp_path / "sharded").mkdir()  # a checkpoint saved as a folder (FSDP, DeepSpeed): Lightning's to read
+    for ckpt in ("last", "best", "hpc", "registry", "registry:model:latest", "s3://bucket/x.ckpt", str(tmp_path / "sharded")):
+        assert checkpoint_overrides(config(ckpt)) == [], ckpt
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match=rf"--ckpt_path {tmp_path}/run: a run's folder; its checkpoints are in "):
+        checkpoint_overrides(config(str(tmp_path / "run")))
+    torch.save({"hyper_parameters": {"arch": "resnet50"}, "where": tmp_path}, tmp_path / "odd.ckpt")  # a Path object
+    with pytest.raises(ValueError, match=r"odd.ckpt: torch's weights-only load refuses it \(Weights only load failed"):
+        checkpoint_overrides(config(str(tmp_path / "odd.ckpt")))
+    torch.save({"hyper_parameters": {"arch": "resnet50"}}, tmp_path / "old.ckpt", _use_new_zipfile_serialization=False)
+    assert checkpoint_overrides(config(str(tmp_path / "old.ckpt"))) == ["model.arch 'resnet18' -> 'resnet50'"]

@@ -48,10 +48,16 @@ def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
     proc = run_resnet("validate", *tiny_fit_args(demo_root, tmp_path / "v", "--model.pretrained",
                                                  str(ckpt_dir / "last.ckpt"))[1:])
     assert f"validate: val/acc1 {100 * logged['val/acc1']:.2f}%, val/acc5 {100 * logged['val/acc5']:.2f}%" in proc.stdout
+    # With a checkpoint, a --model.pretrained file (a fine-tuning run's, since deleted) is not read: the weights are
+    # the checkpoint's
+    proc = run_resnet("validate", *tiny_fit_args(demo_root, tmp_path / "v2", "--ckpt_path", str(ckpt_dir / "last.ckpt"),
+                                                 "--model.pretrained", str(tmp_path / "deleted.pth"))[1:])
+    assert f"validate: val/acc1 {100 * logged['val/acc1']:.2f}%, val/acc5 {100 * logged['val/acc5']:.2f}%" in proc.stdout
     # An explicit checkpoint file: its model settings replace the command line's (Lightning's rule), said in a line;
     # a max_epochs the checkpoint has passed is a one-line error, not Lightning's traceback.
+    # (model.batch_size follows --data.batch_size: not the checkpoint's, not said)
     proc = run_resnet(*tiny_fit_args(demo_root, run_dir, "--trainer.max_epochs", "0", "--model.lr_per_256", "0.123",
-                                     "--ckpt_path", str(ckpt_dir / "last.ckpt")), expect_rc=2)
+                                     "--data.batch_size", "16", "--ckpt_path", str(ckpt_dir / "last.ckpt")), expect_rc=2)
     assert (f"resnet fit: the model settings of {ckpt_dir / 'last.ckpt'} replace the configuration's (Lightning's "
             "rule for --ckpt_path): model.lr_per_256 0.123 -> 0.4\n") in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (

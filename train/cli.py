@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import re
 import signal
 import sys
@@ -111,6 +112,10 @@ class ResNetCLI(LightningCLI):
                 config.ckpt_path = resume_path(root, ckpt_dir, "last")
         except (FileExistsError, FileNotFoundError) as e:
             self.usage_error(str(e))
+        if config.get("ckpt_path") and config.model.pretrained:
+            # The weights come from the checkpoint: its run's --model.pretrained (set by LightningCLI from the
+            # checkpoint, or kept on a requeued job's command line) need not be there any more
+            config.model.pretrained = None
         if self.subcommand == "validate" and not (
             config.ckpt_path or config.model.pretrained or config.random_weights
         ):
@@ -208,6 +213,33 @@ def ensemble_main(args: list[str]) -> None:
 VALIDATION_KEYS = ("arch", "num_classes", "blurpool", "val_flip_average", "channels_last", "compile")
 
 
+# Model settings linked from the data's (add_arguments_to_parser): the link sets them, not the checkpoint.
+LINKED = ("batch_size",)
+
+
+def read_checkpoint(path: str, option: str) -> dict:
+    """The checkpoint at `path`, as LightningCLI reads its settings (weights_only=True; memory-mapped where the file
+    allows, i.e. not for torch's legacy pre-1.6 format).
+
+    Raises:
+        ValueError: naming `option` and `path`: cut short or damaged, or an object weights_only refuses.
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # readable, but holds objects a weights-only load refuses
+        cause = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ValueError(f"{option} {path}: torch's weights-only load refuses it ({cause})") from e
+    except Exception as e:  # cut short (a copy or a job that ended mid-write), or not a checkpoint
+        cause = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's advice after: long
+        raise ValueError(f"{option} {path}: not a checkpoint torch can read, damaged or cut short? "
+                         f"({type(e).__name__}: {cause})") from e
+
+
 def _plain(value):
     if isinstance(value, Namespace):
         value = value.as_dict()
@@ -226,20 +258,21 @@ def checkpoint_overrides(config: Namespace) -> list[str]:
     """
     subcommand = config.get("subcommand")
     ckpt = config[subcommand].get("ckpt_path") if subcommand else None
-    if not ckpt or ckpt in ("last", "best", "hpc") or re.match(r"^\w+:", ckpt):  # Lightning's names, registry:, s3://
+    # Lightning's names (last, best, hpc, registry[:...]) and URLs (s3://...): Lightning resolves them
+    if not ckpt or ckpt in ("last", "best", "hpc") or ckpt.lower().startswith("registry") or "://" in ckpt:
         return []
+    if Path(ckpt).is_dir():
+        if (Path(ckpt) / "checkpoints").is_dir():  # a run's folder given for one of its checkpoints
+            raise ValueError(f"--ckpt_path {ckpt}: a run's folder; its checkpoints are in {Path(ckpt) / 'checkpoints'} "
+                             f"(or resume it with --trainer.default_root_dir {ckpt} --ckpt_path last)")
+        return []  # a checkpoint saved as a folder (sharded FSDP, DeepSpeed): Lightning's strategy reads it
     if not Path(ckpt).is_file():
-        raise ValueError(f"--ckpt_path {ckpt}: {'a folder' if Path(ckpt).is_dir() else 'no such file'}; a run's "
-                         "checkpoints are in its checkpoints/ folder (or --ckpt_path last)")
-    try:
-        hparams = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("hyper_parameters", {})
-    except Exception as e:  # cut short (a copy or a job that ended mid-write), or not a checkpoint
-        cause = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's advice after: long
-        raise ValueError(f"--ckpt_path {ckpt}: not a checkpoint torch can read, damaged or cut short? "
-                         f"({type(e).__name__}: {cause})") from e
+        raise ValueError(f"--ckpt_path {ckpt}: no such file; a run's checkpoints are in its checkpoints/ folder "
+                         "(or --ckpt_path last)")
+    hparams = read_checkpoint(ckpt, "--ckpt_path").get("hyper_parameters", {})
     model = _plain(config[subcommand].model)
     return [f"model.{key} {model[key]!r} -> {value!r}" for key, value in hparams.items()
-            if key in model and model[key] is not None and _plain(value) != model[key]
+            if key in model and key not in LINKED and model[key] is not None and _plain(value) != model[key]
             and (subcommand != "validate" or key in VALIDATION_KEYS)]  # None: unset, follows the checkpoint
 
 

@@ -278,7 +278,7 @@ def evaluate_main(args: list[str]) -> None:
         exit_with_error("resnet evaluate", e)
 
 
-def exit_with_error(prog: str, error: BaseException,
+def exit_with_error(prog: str, error: BaseException | str,
                     again: str = "run the same command again (files already complete are kept)") -> None:
     """One line on stderr, `PROG: error: ...`, and exit 2 (bad input); or 1 for a full disk or quota (ENOSPC,
     EDQUOT, also under another error), with what to do: free space, then `again`."""
