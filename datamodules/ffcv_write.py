@@ -64,7 +64,12 @@ class _Images:
 
 
 class DamagedBetonError(DatasetLayoutError):
-    """A .beton that FFCV cannot read whole: cut short or damaged (an interrupted copy, a disk that filled)."""
+    """A .beton that FFCV cannot read whole: cut short or damaged (an interrupted copy, a disk that filled).
+    `damage` says what is wrong with it; the message adds the command that writes it again."""
+
+    def __init__(self, damage: str, fix: str):
+        super().__init__(f"{damage}: `{fix}` writes it again")
+        self.damage = damage
 
 
 def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
@@ -90,8 +95,7 @@ def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
     try:
         reader = Reader(str(beton))
     except Exception as e:  # FFCV's reader fails on such a file with numpy's errors (IndexError, ValueError, ...)
-        raise DamagedBetonError(f"{damaged}, FFCV cannot read it ({type(e).__name__}: {e}): `{fix}` writes it "
-                                "again") from e
+        raise DamagedBetonError(f"{damaged}, FFCV cannot read it ({type(e).__name__}: {e})", fix) from e
     if reader.field_names != ["image", "label"]:
         raise DatasetLayoutError(f"{beton}: fields {reader.field_names}, not ['image', 'label']: `{fix} --overwrite`")
     # A .beton ends with its allocation table (one row per stored image): a file cut anywhere loses rows of it, which
@@ -100,7 +104,7 @@ def check_beton(beton: Path, samples: list[tuple[str, int]]) -> None:
     if size != reader.header["alloc_table_ptr"] + table.nbytes or not np.isin(
             np.arange(reader.num_samples), table["sample_id"]).all():
         raise DamagedBetonError(f"{damaged}: it holds {reader.num_samples} images but the data of only "
-                                 f"{np.unique(table['sample_id']).size}: `{fix}` writes it again")
+                                f"{np.unique(table['sample_id']).size}", fix)
     labels = reader.metadata["f1"]  # metadata columns are named by position
     if not np.array_equal(labels, [label for _, label in samples]):
         raise DatasetLayoutError(
@@ -152,7 +156,7 @@ def prepare_ffcv(
                 print(f"{beton}: kept ({len(samples)} images; --overwrite to rewrite it)", flush=True)
                 continue
             except DamagedBetonError as e:  # nothing in it to keep: written again
-                print(f"{str(e).split(': `')[0]}: writing it again", flush=True)
+                print(f"{e.damage}: writing it again", flush=True)
         print(f"{beton}: writing {len(samples)} images of {len(classes)} classes", flush=True)
         settings = {"max_resolution": max_resolution, "jpeg_quality": jpeg_quality,
                     "compress_probability": compress_probability, "images": len(samples)}

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-
 from typing import Optional
 
 VERIFIED_RECORD = ".prepare_verified.json"  # in dst; a dot name, so never a class or a sample to the loaders

@@ -65,7 +65,7 @@ def test_fit_then_resume_from_last_at_the_same_step(demo_root, tmp_path):
     # A checkpoint cut short (a copy that did not finish), or none there: one line each, before Lightning reads it
     cut = tmp_path / "cut.ckpt"
     cut.write_bytes((ckpt_dir / "last.ckpt").read_bytes()[:100_000])
-    for path, cause in ((cut, "not a checkpoint torch can read, damaged or cut short? (RuntimeError: PytorchStreamReader "
+    for path, cause in ((cut, "cannot read it, damaged or cut short? (RuntimeError: PytorchStreamReader "
                               "failed reading zip archive: failed finding central directory)"),
                         (tmp_path / "none.ckpt", "no such file; a run's checkpoints are in its checkpoints/ folder")):
         for command in ("fit", "validate"):

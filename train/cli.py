@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import re
 import signal
 import sys
@@ -31,6 +30,7 @@ from train.predict import predict_main
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
 from train.model import ImageNetClassifier
+from train.networks import read_torch_file
 from train.checkpointing import (AtomicCheckpointIO, BestAndLastCheckpoint, CheckpointSpaceError, close_process_group,
                                  resume_path)
 from train.requeue import RequeueOnSignal
@@ -217,29 +217,6 @@ VALIDATION_KEYS = ("arch", "num_classes", "blurpool", "val_flip_average", "chann
 LINKED = ("batch_size",)
 
 
-def read_checkpoint(path: str, option: str) -> dict:
-    """The checkpoint at `path`, as LightningCLI reads its settings (weights_only=True; memory-mapped where the file
-    allows, i.e. not for torch's legacy pre-1.6 format).
-
-    Raises:
-        ValueError: naming `option` and `path`: cut short or damaged, or an object weights_only refuses.
-    """
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:  # readable, but holds objects a weights-only load refuses
-        cause = (str(e).strip().splitlines() or [""])[0][:300]
-        raise ValueError(f"{option} {path}: torch's weights-only load refuses it ({cause})") from e
-    except Exception as e:  # cut short (a copy or a job that ended mid-write), or not a checkpoint
-        cause = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]  # torch's advice after: long
-        raise ValueError(f"{option} {path}: not a checkpoint torch can read, damaged or cut short? "
-                         f"({type(e).__name__}: {cause})") from e
-
-
 def _plain(value):
     if isinstance(value, Namespace):
         value = value.as_dict()
@@ -269,7 +246,7 @@ def checkpoint_overrides(config: Namespace) -> list[str]:
     if not Path(ckpt).is_file():
         raise ValueError(f"--ckpt_path {ckpt}: no such file; a run's checkpoints are in its checkpoints/ folder "
                          "(or --ckpt_path last)")
-    hparams = read_checkpoint(ckpt, "--ckpt_path").get("hyper_parameters", {})
+    hparams = read_torch_file(ckpt, "--ckpt_path", mmap=True).get("hyper_parameters", {})  # as LightningCLI reads it
     model = _plain(config[subcommand].model)
     return [f"model.{key} {model[key]!r} -> {value!r}" for key, value in hparams.items()
             if key in model and key not in LINKED and model[key] is not None and _plain(value) != model[key]

@@ -144,6 +144,33 @@ def build_resnet(arch: Arch, num_classes: int = 1000, zero_init_residual: bool =
     return net
 
 
+def read_torch_file(path: str, option: str, weights_only: bool = True, mmap: bool = False, hint: str = ""):
+    """`torch.load(path)` on the CPU (`mmap`: memory-mapped where the file allows: not torch's pre-1.6 format), with
+    errors that name `option` and `path` (`hint`: added to them).
+
+    Raises:
+        ValueError: the file is cut short or damaged (torch says so with zip, pickle, struct or runtime errors
+            alike), or holds objects a weights-only load refuses (its cause says which).
+    """
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # cut short (a copy, or a job that ended mid-write), not a torch file, or refused objects
+        text = str(e).split("WeightsUnpickler error:")[-1]  # a weights-only refusal's cause comes after its advice
+        cause = next((line.strip() for line in text.splitlines() if line.strip()), "").split(". ")[0][:200]
+        raise ValueError(f"{option} {path}: cannot read it, damaged or cut short?{hint} "
+                         f"({type(e).__name__}: {cause})") from e
+
+
+def network_state_dict(checkpoint: dict) -> dict:
+    """The network's weights in a `resnet fit` checkpoint: its state_dict's `net.` keys, without the prefix."""
+    return {k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+
+
 def load_state_dict_file(net: nn.Module, path: str) -> None:
     """Load a torchvision-format state dict (`conv1.weight`, ..., `fc.bias`) from a file, strictly; a `resnet fit`
     checkpoint's network (its `net.` keys) is taken as well.
@@ -153,14 +180,9 @@ def load_state_dict_file(net: nn.Module, path: str) -> None:
     """
     if not Path(path).is_file():
         raise ValueError(f"model.pretrained: {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # cut short (a copy that did not finish), or not a torch file
-        cause = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
-        raise ValueError(f"model.pretrained: {path}: not a file torch can read, damaged or cut short? "
-                         f"({type(e).__name__}: {cause})") from e
+    state = read_torch_file(path, "model.pretrained")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "pytorch-lightning_version" in state:
-        state = {k.removeprefix("net."): v for k, v in state["state_dict"].items() if k.startswith("net.")}
+        state = network_state_dict(state)
     own = net.state_dict()
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]

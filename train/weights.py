@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from train.networks import ARCHS, TIMM, build_resnet, check_arch
+from train.networks import ARCHS, TIMM, build_resnet, check_arch, network_state_dict, read_torch_file
 
 # Residual blocks per stage and block type of each depth (He et al. 2015, Table 1).
 _LAYOUTS = {
@@ -61,23 +61,15 @@ def _net_from_state(state: dict[str, torch.Tensor], arch: str, source: str, blur
     return net
 
 
-def _load(path: str, option: str, weights_only: bool):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except Exception as e:  # torch reports a bad file as pickle, zip, struct or runtime errors alike
-        hint = " (a Lightning checkpoint? evaluate it with --ckpt)" if option == "--weights" else ""
-        raise ValueError(f"{option} {path}: cannot read it{hint} ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-
-
 def load_checkpoint(path: str) -> LoadedModel:
     """The network of a `resnet fit` checkpoint, with the class names it was trained on."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"--ckpt {path}: no such file")
-    ckpt = _load(path, "--ckpt", weights_only=False)  # our own file: hparams hold plain Python
+    ckpt = read_torch_file(path, "--ckpt", weights_only=False)  # our own file: hparams hold plain Python
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"--ckpt {path}: not a Lightning checkpoint of `resnet fit` (no state_dict/hyper_parameters)")
     hp = ckpt["hyper_parameters"]
-    state = {k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    state = network_state_dict(ckpt)
     net = _net_from_state(state, hp["arch"], path, blurpool=bool(hp.get("blurpool", False)))
     classes = ckpt.get("ImageNetDataModule", {}).get("classes")  # absent from checkpoints of older versions
     run = Path(path).resolve().parent
@@ -144,7 +136,7 @@ def load_weights(spec: str) -> LoadedModel:
     if not spec.startswith("torchvision:"):
         if not Path(spec).is_file():
             raise FileNotFoundError(f"--weights {spec}: no such file (or use torchvision:<arch>.<weights>, e.g. torchvision:resnet50.IMAGENET1K_V2, or timm:<model>.<tag>, e.g. timm:resnet50.a1_in1k)")
-        state = _load(spec, "--weights", weights_only=True)
+        state = read_torch_file(spec, "--weights", hint=" (a Lightning checkpoint? evaluate it with --ckpt)")
         if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
             raise ValueError(f"--weights {spec}: a Lightning checkpoint; evaluate it with --ckpt {spec}")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
