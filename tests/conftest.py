@@ -79,7 +79,7 @@ def small_disk(path: Path, size: str, leave: int | None = None):
     allowed (not root)."""
     path.mkdir(parents=True, exist_ok=True)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                             text=True)
+                             text=True, timeout=60)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs (root needed): {mounted.stderr.strip()}")
     try:
@@ -87,7 +87,7 @@ def small_disk(path: Path, size: str, leave: int | None = None):
             (path / ".filler").write_bytes(b"\0" * (shutil.disk_usage(path).free - leave))
         yield path
     finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
+        subprocess.run(["umount", "-l", str(path)], check=True, timeout=60)
 
 
 def tiny_fit_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
