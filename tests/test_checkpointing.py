@@ -109,3 +109,16 @@ def test_fit_on_a_disk_that_fills_ends_with_one_line_naming_the_checkpoint(demo_
         assert "Traceback" not in done.stderr
         assert os.listdir(ckpts) == []  # no partial file left
     assert (tmp_path / "run/logs/version_0/metrics.csv").is_file()  # what the run wrote elsewhere is kept
+
+
+@pytest.mark.slow
+def test_two_ranks_on_a_full_disk_end_with_the_first_ranks_line(demo_root, tmp_path):
+    # The second rank, started by the first's launcher, is ended with it: no traceback of its lost connection after
+    # the message (it printed one and kept the job's log from ending on the cause).
+    ckpts = tmp_path / "run" / "checkpoints"
+    with small_disk(ckpts, "2m"):
+        done = run_resnet(*tiny_fit_args(demo_root, tmp_path / "run", "--trainer.max_epochs", "1",
+                                         "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "2",
+                                         "--trainer.devices", "2", "--trainer.strategy", "ddp"), expect_rc=1)
+    assert done.stderr.strip().splitlines()[-1].startswith(f"resnet fit: error: no room to write checkpoint {ckpts}/")
+    assert "[rank1]" not in done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]

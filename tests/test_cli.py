@@ -152,9 +152,15 @@ def test_ckpt_path_values_lightning_resolves_pass_and_unreadable_files_are_named
     from train.cli import checkpoint_overrides
 
     config = lambda ckpt: Namespace(subcommand="fit", fit=Namespace(ckpt_path=ckpt, model=Namespace(arch="resnet18")))
-    (tmp_path / "sharded").mkdir()  # a checkpoint saved as a folder (FSDP, DeepSpeed): Lightning's to read
+    (tmp_path / "sharded").mkdir()  # a checkpoint saved as a folder (sharded FSDP): Lightning's to read
+    (tmp_path / "sharded" / ".metadata").touch()
     for ckpt in ("last", "best", "hpc", "registry", "registry:model:latest", "s3://bucket/x.ckpt", str(tmp_path / "sharded")):
         assert checkpoint_overrides(config(ckpt)) == [], ckpt
+    with pytest.raises(ValueError, match=rf"--ckpt_path {tmp_path}: a folder, not a file; a run's checkpoints are in "):
+        checkpoint_overrides(config(str(tmp_path)))
+    (tmp_path / "empty.ckpt").touch()
+    with pytest.raises(ValueError, match=r"empty.ckpt: an empty file \(0 bytes\): a copy or a save that did not finish"):
+        checkpoint_overrides(config(str(tmp_path / "empty.ckpt")))
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(ValueError, match=rf"--ckpt_path {tmp_path}/run: a run's folder; its checkpoints are in "):
         checkpoint_overrides(config(str(tmp_path / "run")))

@@ -259,6 +259,8 @@ def test_demo_checkpoint_evaluates_under_all_three_protocols(demo_root, demo_ckp
 def test_evaluate_reports_bad_input_clearly(demo_root, demo_ckpt, demo_copy, tmp_path):
     with pytest.raises(FileNotFoundError, match=f"--ckpt {tmp_path / 'missing.ckpt'}: no such file"):
         evaluate(ckpt=str(tmp_path / "missing.ckpt"), data={"root": str(demo_root)})
+    with pytest.raises(FileNotFoundError, match=f"--ckpt {tmp_path}: a folder, not a file"):
+        evaluate(ckpt=str(tmp_path), data={"root": str(demo_root)})
     with pytest.raises(ValueError, match="give exactly one of --ckpt PATH or --weights"):
         evaluate(data={"root": str(demo_root)})
     with pytest.raises(ValueError, match="name the .pt file of probabilities"):

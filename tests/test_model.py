@@ -39,8 +39,10 @@ def test_pretrained_state_dict_file(tmp_path):
         ImageNetClassifier(arch="resnet34", num_classes=10, pretrained=str(tmp_path / "r18.pth"))
     with pytest.raises(ValueError, match=r"shape mismatch \['fc.weight \(10, 512\) != \(6, 512\)"):
         ImageNetClassifier(arch="resnet18", num_classes=6, pretrained=str(tmp_path / "r18.pth"))
-    with pytest.raises(ValueError, match="model.pretrained: .*missing.pth: no such file"):
+    with pytest.raises(ValueError, match="model.pretrained .*missing.pth: no such file"):
         ImageNetClassifier(arch="resnet18", num_classes=6, pretrained=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match=f"model.pretrained {tmp_path}: a folder, not a file"):
+        ImageNetClassifier(arch="resnet18", num_classes=6, pretrained=str(tmp_path))
     (tmp_path / "cut.pth").write_bytes((tmp_path / "r18.pth").read_bytes()[:4096])  # a copy that did not finish
     with pytest.raises(ValueError, match=r"model.pretrained .*cut.pth: cannot read it, damaged or cut short\? \("):
         ImageNetClassifier(arch="resnet18", num_classes=10, pretrained=str(tmp_path / "cut.pth"))

@@ -30,7 +30,7 @@ from train.predict import predict_main
 from train.results import ensemble
 from train.callbacks import ImagesPerSecond, SaveConfigAndCommit, TrainingReport
 from train.model import ImageNetClassifier
-from train.networks import read_torch_file
+from train.networks import not_a_file, read_torch_file
 from train.checkpointing import (AtomicCheckpointIO, BestAndLastCheckpoint, CheckpointSpaceError, close_process_group,
                                  resume_path)
 from train.requeue import RequeueOnSignal
@@ -163,6 +163,8 @@ class ResNetCLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as e:  # a constructor's check of its settings (naming the key): a usage error, no traceback
             self.usage_error(str(e))
+        global _TRAINER
+        _TRAINER = self.trainer
         if type(self.trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # the default: make it atomic
             self.trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
@@ -213,6 +215,11 @@ def ensemble_main(args: list[str]) -> None:
 VALIDATION_KEYS = ("arch", "num_classes", "blurpool", "val_flip_average", "channels_last", "compile")
 
 
+# What a checkpoint saved as a folder holds: torch.distributed.checkpoint's (sharded FSDP, ModelParallel) and
+# DeepSpeed's files
+SHARDED_MARKERS = (".metadata", "meta.pt", "latest", "checkpoint")
+
+
 # Model settings linked from the data's (add_arguments_to_parser): the link sets them, not the checkpoint.
 LINKED = ("batch_size",)
 
@@ -242,15 +249,38 @@ def checkpoint_overrides(config: Namespace) -> list[str]:
         if (Path(ckpt) / "checkpoints").is_dir():  # a run's folder given for one of its checkpoints
             raise ValueError(f"--ckpt_path {ckpt}: a run's folder; its checkpoints are in {Path(ckpt) / 'checkpoints'} "
                              f"(or resume it with --trainer.default_root_dir {ckpt} --ckpt_path last)")
-        return []  # a checkpoint saved as a folder (sharded FSDP, DeepSpeed): Lightning's strategy reads it
-    if not Path(ckpt).is_file():
-        raise ValueError(f"--ckpt_path {ckpt}: no such file; a run's checkpoints are in its checkpoints/ folder "
+        if any((Path(ckpt) / name).exists() for name in SHARDED_MARKERS):
+            return []  # a checkpoint saved as a folder: Lightning's strategy reads it
+    if problem := not_a_file(ckpt):
+        raise ValueError(f"--ckpt_path {ckpt}: {problem}; a run's checkpoints are in its checkpoints/ folder "
                          "(or --ckpt_path last)")
     hparams = read_torch_file(ckpt, "--ckpt_path", mmap=True).get("hyper_parameters", {})  # as LightningCLI reads it
     model = _plain(config[subcommand].model)
     return [f"model.{key} {model[key]!r} -> {value!r}" for key, value in hparams.items()
             if key in model and key not in LINKED and model[key] is not None and _plain(value) != model[key]
             and (subcommand != "validate" or key in VALIDATION_KEYS)]  # None: unset, follows the checkpoint
+
+
+_TRAINER = None  # the Trainer of this `resnet fit` / `validate`, once built: its launcher started the local ranks
+
+
+def end_ranks() -> None:
+    """Before one rank's one-line exit: end the ranks its launcher started on this machine (Lightning does so on
+    Ctrl-C alone; left running, each prints a traceback of the lost connection after the message), then leave the
+    process group. Ranks of other nodes: `srun --kill-on-bad-exit` ends them."""
+    launcher = getattr(getattr(_TRAINER, "strategy", None), "launcher", None)
+    if launcher is not None:
+        launcher.kill(signal.SIGKILL)  # a no-op where it started none (every rank but the first, SLURM's)
+    close_process_group()
+
+
+def lost_peer(error: BaseException) -> bool:
+    """A collective that failed because another rank ended (gloo's lost connection, torch.distributed's network
+    errors): that rank's own message says why."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and (
+        isinstance(error, dist.DistNetworkError) or bool(re.search(r"Connection (closed|reset) by peer", str(error))))
 
 
 def build_cli(args: Optional[list[str]] = None, run: bool = True) -> ResNetCLI:
@@ -314,19 +344,23 @@ def main(args: Optional[list[str]] = None) -> None:
         close_process_group()
         end_on_job_signal(saved)  # requeue (SIGUSR1) or exit 143 (SIGTERM: SLURM requeues a preempted job)
     except (DatasetLayoutError, CorruptImageError) as e:  # the data, not the code: its path and the fix, no traceback
-        close_process_group()
+        end_ranks()
         exit_with_error(f"resnet {command}", _worker_cause(e))
     except MisconfigurationException as e:  # Lightning's check of settings against each other or a checkpoint's
-        close_process_group()
+        end_ranks()
         exit_with_error(f"resnet {command}", e)
     except CheckpointSpaceError as e:  # the disk, not the code or the data: what to free, and how to resume
-        close_process_group()
+        end_ranks()
         print(f"resnet {command}: error: {e.strerror}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as e:  # a full disk elsewhere (metrics.csv, history.csv, config.yaml, ...): one line too
+        if lost_peer(e):  # on other nodes, until srun ends this rank too
+            print(f"resnet {command}: rank {os.environ.get('RANK', '?')} stops: another rank ended (its error is in "
+                  f"the job's log)", file=sys.stderr)
+            raise SystemExit(1) from None
         if disk_full(e) is None:
             raise
-        close_process_group()
+        end_ranks()
         exit_with_error(f"resnet {command}", e, "resume the run with --ckpt_path last" if command == "fit"
                         else "run the same command again")
     close_process_group()

@@ -7,7 +7,7 @@ in every variant."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 import torch
 import torchvision
@@ -144,6 +144,11 @@ def build_resnet(arch: Arch, num_classes: int = 1000, zero_init_residual: bool =
     return net
 
 
+def not_a_file(path: str) -> Optional[str]:
+    """Why `path` cannot be the file an option asks for ("no such file", "a folder, not a file"), or None."""
+    return None if Path(path).is_file() else "a folder, not a file" if Path(path).is_dir() else "no such file"
+
+
 def read_torch_file(path: str, option: str, weights_only: bool = True, mmap: bool = False, hint: str = ""):
     """`torch.load(path)` on the CPU (`mmap`: memory-mapped where the file allows: not torch's pre-1.6 format), with
     errors that name `option` and `path` (`hint`: added to them).
@@ -152,6 +157,8 @@ def read_torch_file(path: str, option: str, weights_only: bool = True, mmap: boo
         ValueError: the file is cut short or damaged (torch says so with zip, pickle, struct or runtime errors
             alike), or holds objects a weights-only load refuses (its cause says which).
     """
+    if Path(path).stat().st_size == 0:  # torch would say EOFError with no text
+        raise ValueError(f"{option} {path}: an empty file (0 bytes): a copy or a save that did not finish?")
     try:
         try:
             return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
@@ -178,8 +185,8 @@ def load_state_dict_file(net: nn.Module, path: str) -> None:
     Raises:
         ValueError: no such file, a file torch cannot read (damaged, cut short), or another network's weights.
     """
-    if not Path(path).is_file():
-        raise ValueError(f"model.pretrained: {path}: no such file")
+    if problem := not_a_file(path):
+        raise ValueError(f"model.pretrained {path}: {problem}")
     state = read_torch_file(path, "model.pretrained")
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) and "pytorch-lightning_version" in state:
         state = network_state_dict(state)

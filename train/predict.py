@@ -4,6 +4,7 @@ torchvision's weights, with class names and probabilities, as CSV or JSON."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import yaml
 
 from datamodules.folder import IMAGE_EXTENSIONS, CorruptImageError, decode, is_hidden
 from datamodules.transforms import normalize_batch, val_transform
-from train.results import console
+from train.results import atomic_write, console
 from train.networks import num_outputs
 from train.weights import LoadedModel, load_checkpoint, load_weights
 
@@ -199,20 +200,22 @@ def _show(rows: list[dict]) -> None:
 
 
 def _write(rows: list[dict], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")  # whole or not at all
-    if out.suffix == ".json":
-        partial.write_text(json.dumps(rows, indent=1))
-    else:
-        with open(partial, "w", newline="") as f:
-            writer = csv.writer(f)
+    def write(f) -> None:  # into the partial file of results.atomic_write: whole or not at all
+        text = io.TextIOWrapper(f, newline="", encoding="utf-8")
+        if out.suffix == ".json":
+            text.write(json.dumps(rows, indent=1))
+        else:
+            writer = csv.writer(text)
             writer.writerow(["path", "rank", "index", "class", "name", "probability", "error"])
             for r in rows:
                 if "error" in r:
                     writer.writerow([r["path"], "", "", "", "", "", r["error"]])
                 for rank, t in enumerate(r.get("top", []), 1):
                     writer.writerow([r["path"], rank, t["index"], t["class"], t["name"], f"{t['probability']:.6f}", ""])
-    partial.replace(out)
+        text.flush()
+        text.detach()  # the file is atomic_write's to close
+
+    atomic_write(out, write)
     console().print(f"Predictions: {out}")
 
 

@@ -32,7 +32,7 @@ def topk_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """`write(file)` into `.NAME.partial`, then renamed to `path`: a reader never sees half a file, an earlier file
     survives a crash. A full disk (under torch's RuntimeError too) is raised as the OSError naming `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,10 +54,10 @@ def save_result(path: str | Path, result: dict) -> Path:
     path = Path(path)
     if path.suffix == ".json":
         raise ValueError(f"--output {path}: name the .pt file of probabilities; the metrics JSON goes beside it")
-    _atomic_write(path, lambda f: torch.save(result, f))
+    atomic_write(path, lambda f: torch.save(result, f))
     summary = {k: v for k, v in result.items() if k not in ("ids", "labels", "probs", "classes")}
     summary["num_classes"] = len(result["classes"])
-    _atomic_write(path.with_suffix(".json"), lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    atomic_write(path.with_suffix(".json"), lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     return path
 
 
@@ -147,8 +147,8 @@ def ensemble(files: list[str], weights: Optional[list[float]] = None, output: Op
         out = Path(output)
         if out.suffix == ".json":
             raise ValueError(f"--output {out}: name the Markdown table (e.g. ensemble.md); the JSON goes beside it")
-        _atomic_write(out, lambda f: f.write(markdown_table(rows).encode()))
+        atomic_write(out, lambda f: f.write(markdown_table(rows).encode()))
         record = {"files": [str(f) for f in files], "weights": weights, "rows": rows}
-        _atomic_write(out.with_suffix(".json"), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+        atomic_write(out.with_suffix(".json"), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
         console().print(f"wrote {out} and {out.with_suffix('.json')}")
     return {"rows": rows, "probs": mean, "wandb_runs": [r.get("wandb_run") or {} for r in results]}

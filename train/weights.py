@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
-from train.networks import ARCHS, TIMM, build_resnet, check_arch, network_state_dict, read_torch_file
+from train.networks import ARCHS, TIMM, build_resnet, check_arch, network_state_dict, not_a_file, read_torch_file
 
 # Residual blocks per stage and block type of each depth (He et al. 2015, Table 1).
 _LAYOUTS = {
@@ -63,8 +63,8 @@ def _net_from_state(state: dict[str, torch.Tensor], arch: str, source: str, blur
 
 def load_checkpoint(path: str) -> LoadedModel:
     """The network of a `resnet fit` checkpoint, with the class names it was trained on."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"--ckpt {path}: no such file")
+    if problem := not_a_file(path):
+        raise FileNotFoundError(f"--ckpt {path}: {problem}")
     ckpt = read_torch_file(path, "--ckpt", weights_only=False)  # our own file: hparams hold plain Python
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"--ckpt {path}: not a Lightning checkpoint of `resnet fit` (no state_dict/hyper_parameters)")
@@ -134,8 +134,8 @@ def load_weights(spec: str) -> LoadedModel:
     if spec.startswith(TIMM):
         return load_timm_weights(spec)
     if not spec.startswith("torchvision:"):
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"--weights {spec}: no such file (or use torchvision:<arch>.<weights>, e.g. torchvision:resnet50.IMAGENET1K_V2, or timm:<model>.<tag>, e.g. timm:resnet50.a1_in1k)")
+        if problem := not_a_file(spec):
+            raise FileNotFoundError(f"--weights {spec}: {problem} (or use torchvision:<arch>.<weights>, e.g. torchvision:resnet50.IMAGENET1K_V2, or timm:<model>.<tag>, e.g. timm:resnet50.a1_in1k)")
         state = read_torch_file(spec, "--weights", hint=" (a Lightning checkpoint? evaluate it with --ckpt)")
         if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
             raise ValueError(f"--weights {spec}: a Lightning checkpoint; evaluate it with --ckpt {spec}")
